@@ -72,14 +72,8 @@ class Model:
         sizes = [int(np.prod(shape)) for layer in layers for _, shape in layer.param_shapes]
         self.num_params = sum(sizes)
         self.params = np.zeros(self.num_params, self.dtype)
-        self.grads = np.zeros(self.num_params, self.dtype)
-        offset = 0
-        for layer in layers:
-            for name, shape in layer.param_shapes:
-                n = int(np.prod(shape))
-                setattr(layer, name, self.params[offset:offset + n].reshape(shape))
-                setattr(layer, "d" + name, self.grads[offset:offset + n].reshape(shape))
-                offset += n
+        self._bind_views(self.params, prefix="")
+        self.bind_grads(np.zeros(self.num_params, self.dtype))
         # d loss / d input is never needed for the first parametric layer.
         for layer in layers:
             if layer.param_shapes:
@@ -116,6 +110,26 @@ class Model:
             raise ConfigError(f"model output shape is {_fmt_shape(shape)} but the data has {num_classes} classes; "
                               f"end the model with {{type: dense, units: {num_classes}}}")
         return cls(built, input_shape, shapes, seed=seed, dtype=dtype)
+
+    def bind_grads(self, buf: np.ndarray) -> None:
+        """Make ``buf`` (``num_params`` long) the gradient buffer the layers write into.
+
+        The trainer passes the front of its allreduce buffer, so the backward pass
+        writes gradients exactly where the single Allreduce of the step reads them.
+        """
+        if buf.shape != (self.num_params,) or buf.dtype != self.dtype:
+            raise ValueError(f"gradient buffer must be ({self.num_params},) {self.dtype}, got {buf.shape} {buf.dtype}")
+        self.grads = buf
+        self._bind_views(buf, prefix="d")
+
+    def _bind_views(self, buf: np.ndarray, prefix: str) -> None:
+        """Set each layer's ``<prefix>W`` / ``<prefix>b`` to its slice of ``buf``."""
+        offset = 0
+        for layer in self.layers:
+            for name, shape in layer.param_shapes:
+                n = int(np.prod(shape))
+                setattr(layer, prefix + name, buf[offset:offset + n].reshape(shape))
+                offset += n
 
     def init(self, seed: int = 0) -> None:
         """He-normal weights (std sqrt(2 / fan_in)), zero biases, from ``seed``."""

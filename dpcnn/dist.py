@@ -1,0 +1,95 @@
+"""Everything MPI, in one place. The only module that imports mpi4py.
+
+Data parallelism needs only a handful of collectives: broadcast the initial
+parameters, one in-place SUM Allreduce of the flat gradient buffer per step,
+and a few small agreements (is everyone OK? where is the run directory?).
+The same code runs as a single process without ``mpirun`` (world size 1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+_MPI_DTYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Dist:
+    """Rank, world size and the collectives the trainer uses."""
+
+    def __init__(self, comm=None):
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.is_root = self.rank == 0
+        # Ranks on this host. With more ranks than cores a rank that spins inside
+        # MPI while waiting steals the core a computing rank needs, so we poll a
+        # non-blocking Allreduce and sleep between polls instead.
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = node.Get_size()
+        node.Free()
+        self.oversubscribed = self.local_size > _cores()
+        policy = os.environ.get("DPCNN_MPI_WAIT", "auto")
+        self.polite_wait = policy == "yield" or (policy == "auto" and self.oversubscribed)
+
+    # --- the step ---------------------------------------------------------
+    def allreduce_sum_(self, buf: np.ndarray) -> None:
+        """In-place SUM over ranks of a contiguous float buffer (the step's one collective)."""
+        if self.size == 1:
+            return
+        mpi_type = _MPI_DTYPES[buf.dtype]
+        if not self.polite_wait:
+            self.comm.Allreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
+            return
+        req = self.comm.Iallreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
+        while not req.Test():
+            time.sleep(20e-6)  # give the core to a rank that is still computing
+
+    def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
+        """Overwrite ``buf`` on every rank with root's copy."""
+        if self.size > 1:
+            self.comm.Bcast([buf, _MPI_DTYPES.get(buf.dtype, MPI.BYTE)], root=root)
+
+    # --- small agreements ------------------------------------------------------
+    def bcast(self, obj, root: int = 0):
+        """Root's Python object on every rank (small things only: strings, dicts)."""
+        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
+
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj) if self.size > 1 else [obj]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """Kill every rank of the job (used when ranks can no longer agree)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.size > 1:
+            self.comm.Abort(code)
+        os._exit(code)
+
+    # --- facts for the record ----------------------------------------------------
+    @staticmethod
+    def library_version() -> str:
+        return MPI.Get_library_version().strip().splitlines()[0].strip()
+
+    def __repr__(self) -> str:
+        return f"Dist(rank={self.rank}, size={self.size}, local={self.local_size}, polite_wait={self.polite_wait})"
+
+
+def world_rank_and_size() -> tuple[int, int]:
+    """(rank, size) of COMM_WORLD."""
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()

@@ -1,0 +1,458 @@
+"""Data-parallel training: ``mpirun -n 4 python -m dpcnn.train [hydra overrides]``.
+
+Every rank holds the same model. Each step, every rank computes the same
+global batch indices, takes its contiguous shard, runs forward and backward,
+and writes (sum of its gradients) / (global batch size) into the front of one
+flat buffer; the step's loss, correct count and stop flags ride at the end of
+that buffer. One in-place SUM Allreduce makes it the global-batch mean on
+every rank, and every rank takes the same SGD step, so the ranks never drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, checkpoint
+from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
+from .dist import Dist
+from .errors import ConfigError, DpcnnError
+from .model import Model
+from .optim import make_optimizer, make_schedule
+from .tracking import flatten, make_tracker, mark_run
+
+log = logging.getLogger("dpcnn")
+
+
+def _conf_dir() -> str:
+    """conf/ inside the installed package (wheel), else the checkout's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"dpcnn's Hydra configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+class Diverged(DpcnnError):
+    """The loss or the gradients stopped being finite."""
+
+
+# Slots after the gradients in the step buffer, summed over ranks by the step's Allreduce.
+LOSS, CORRECT, STOP, ERROR = range(4)
+#: Set by SIGTERM/SIGINT on any rank; acted on at the next step boundary by all ranks together.
+_signal_received: list[int] = []
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    _signal_received.append(signum)
+
+
+@dataclass
+class Position:
+    """Where training is: what a resume needs besides the arrays."""
+
+    epoch: int = 0
+    batch: int = 0          # next global batch within the epoch
+    step: int = 0           # optimizer steps taken
+    history: list = field(default_factory=list)  # per-epoch metrics
+
+
+# ----------------------------------------------------------------------------- setup
+
+def agree(dist: Dist, fn):
+    """Run ``fn`` on every rank; if it raises a DpcnnError on any rank, raise it on all.
+
+    Every rank reaches the allgather, so a bad config or missing file ends the
+    job with the same one-line error everywhere instead of a hang.
+    """
+    try:
+        result, err = fn(), None
+    except DpcnnError as e:
+        result, err = None, f"{type(e).__name__}:{e}"
+    errors = [e for e in dist.allgather(err) if e]
+    if errors:
+        kind, _, message = errors[0].partition(":")
+        raise (ConfigError if kind == "ConfigError" else DpcnnError)(message)
+    return result
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Checks that need no data and no model: fail in seconds, before any compute."""
+    t = cfg.trainer
+    if not (isinstance(t.epochs, int) and t.epochs >= 1):
+        raise ConfigError(f"trainer.epochs must be an integer >= 1, got {t.epochs}")
+    if t.max_steps is not None and not (isinstance(t.max_steps, int) and t.max_steps >= 1):
+        raise ConfigError(f"trainer.max_steps must be an integer >= 1 or null, got {t.max_steps}")
+    if not (isinstance(t.batch_size, int) and t.batch_size >= 1):
+        raise ConfigError(f"trainer.batch_size must be a positive integer, got {t.batch_size}")
+    if t.batch_size < world_size:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
+                          f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+    lr = cfg.optimizer.lr
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; e.g. optimizer.lr=0.05")
+    if t.dtype not in ("float32", "float64"):
+        raise ConfigError(f"trainer.dtype must be float32 or float64, got {t.dtype}")
+    get_spec(cfg.data)  # unknown dataset name
+
+
+def load_on_all_ranks(cfg: DictConfig, dist: Dist):
+    """Rank 0 finds or downloads the files while the others wait; then all ranks read them."""
+    spec = get_spec(cfg.data)
+
+    def fetch():
+        if dist.is_root:
+            ensure_files(spec, cfg.data.root, download=cfg.data.download,
+                         verify_checksum=cfg.data.verify_checksum, progress=bool(cfg.trainer.progress))
+
+    agree(dist, fetch)
+    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "download": False, "verify_checksum": False}
+    return agree(dist, lambda: load_data(data_cfg))
+
+
+# ------------------------------------------------------------------ rank-0 outputs
+
+class RootOutputs:
+    """Every side effect that only rank 0 performs: MLflow, checkpoints, progress.
+
+    Built on every rank; on the others each method is a no-op, so the training
+    loop has no ``if rank == 0`` in it.
+    """
+
+    def __init__(self, cfg: DictConfig, dist: Dist, run_dir: Path):
+        self.enabled, self.cfg, self.run_dir = dist.is_root, cfg, run_dir
+        self.tracker = make_tracker(cfg.tracking, run_dir, dist.is_root)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.bar = None
+
+    def start(self, model: Model, dist: Dist, resumed_from: dict | None) -> None:
+        if not self.enabled:
+            return
+        log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
+                 self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
+                 self.cfg.trainer.batch_size, model.summary())
+        if not self.tracker.enabled:
+            return
+        tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
+                "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
+                "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
+        commit = _git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if resumed_from:
+            tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
+            tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
+        name = self.cfg.tracking.get("run_name") or f"{self.cfg.model.name}-{self.cfg.data.name}-{dist.size}r"
+        self.tracker.start(run_name=name, tags=tags)
+        container = OmegaConf.to_container(self.cfg, resolve=True)
+        self.tracker.log_params({**flatten(container), "world_size": dist.size, "num_params": model.num_params})
+        self.tracker.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+        if resumed_from and resumed_from.get("mlflow_run_id"):
+            # The run the checkpoint came from was cut short (killed or pre-empted).
+            mark_run(self.cfg.tracking.get("uri"), resumed_from["mlflow_run_id"], "FAILED",
+                     {"dpcnn.resumed_by": self.tracker.run_id})
+
+    @property
+    def run_id(self):
+        return self.tracker.run_id
+
+    def epoch_bar(self, epoch: int, total: int, start: int) -> None:
+        if self.enabled and self.cfg.trainer.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
+                            unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, loss: float, acc: float, img_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1%}", img_s=f"{img_s:,.0f}", refresh=False)
+        if step % self.cfg.trainer.log_every == 0:
+            self.tracker.log_metrics({"train_loss_step": loss}, step)
+
+    def epoch(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s | "
+                 "allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"], 100 * metrics["train_acc"],
+                 metrics["test_loss"], 100 * metrics["test_acc"],
+                 f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
+                 f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
+        """Write the checkpoint; returns an error message instead of raising (the caller shares it)."""
+        if not (self.enabled and self.cfg.trainer.checkpoint):
+            return None
+        meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
+                "config": OmegaConf.to_yaml(self.cfg, resolve=True), "mlflow_run_id": self.run_id,
+                "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
+        try:
+            checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
+                            keep_last=self.cfg.trainer.keep_last)
+        except DpcnnError as e:
+            return str(e)
+        return None
+
+    def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if summary:
+            self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
+        if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
+            self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
+        self.tracker.end(status)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# -------------------------------------------------------------------- evaluation
+
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over all of (x, y): each rank scores a slice, sums are allreduced."""
+    mine = EpochSampler.shard(np.arange(len(x)), dist.rank, dist.size)
+    sums = np.zeros(2, np.float64)  # loss sum, correct
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i:i + batch_size]
+        logits = model.forward(x[idx], train=False)
+        sums[0] += model.loss.forward(logits, y[idx], denom=1)
+        sums[1] += (logits.argmax(1) == y[idx]).sum()
+    dist.allreduce_sum_(sums)
+    return sums[0] / len(x), sums[1] / len(x)
+
+
+# --------------------------------------------------------------------- training
+
+def train(cfg: DictConfig, dist: Dist) -> float:
+    """Train as configured; returns the objective (validation accuracy if there is a split, else test)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    t = cfg.trainer
+    dtype = np.dtype(t.dtype) if t.dtype in ("float32", "float64") else None
+
+    # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
+    agree(dist, lambda: validate(cfg, dist.size))
+    model = agree(dist, lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
+                                                  num_classes=cfg.data.num_classes, seed=cfg.seed, dtype=dtype))
+    data = load_on_all_ranks(cfg, dist)
+    (x_train, y_train), (x_test, y_test) = data.train, data.test
+    if model.input_shape != x_train.shape[1:]:
+        raise ConfigError(f"model input {model.input_shape} does not match the data's {x_train.shape[1:]}")
+    sampler = EpochSampler(len(x_train), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
+    total_steps = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
+    lr_at = agree(dist, lambda: make_schedule(cfg.optimizer, sampler.num_batches, total_steps))
+    opt = agree(dist, lambda: make_optimizer(model.params, cfg.optimizer))
+
+    # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots.
+    n = model.num_params
+    buf = np.zeros(n + 4, model.dtype)
+    model.bind_grads(buf[:n])
+    pos, resumed_from = Position(), None
+    if t.resume:
+        pos, resumed_from = resume(cfg, dist, model, opt, run_dir)
+    dist.broadcast_(model.params)  # the ranks start identical whatever their seeds
+    for arr in opt.state().values():
+        dist.broadcast_(arr)
+
+    out = RootOutputs(cfg, dist, run_dir)
+    agree(dist, lambda: out.start(model, dist, resumed_from))
+    augment = cfg.data.get("augment") or {}
+    fault = _fault_injection(dist.rank)
+    status, summary, stop = "FAILED", {}, False
+    try:
+        while pos.epoch < t.epochs and pos.step < total_steps:
+            out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
+            seen = correct = 0
+            loss_sum = comm_time = step_time = 0.0
+            for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
+                t0 = time.perf_counter()
+                buf[n:] = 0
+                try:
+                    if fault == pos.step:
+                        raise RuntimeError(f"injected fault on rank {dist.rank} at step {pos.step}")
+                    x, y = x_train[idx], y_train[idx]
+                    if augment.get("enabled"):
+                        shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
+                        x = random_shift(x, EpochSampler.shard(shifts, dist.rank, dist.size), data.background)
+                    buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
+                except Exception:  # noqa: BLE001 - reported, then every rank stops together
+                    print(f"dpcnn: rank {dist.rank} failed at step {pos.step}:\n{traceback.format_exc()}",
+                          file=sys.stderr, flush=True)
+                    buf[n + ERROR] = 1
+                if _signal_received:
+                    buf[n + STOP] = 1
+                t1 = time.perf_counter()
+                dist.allreduce_sum_(buf)  # the step's one collective: mean gradient + metrics + flags
+                t2 = time.perf_counter()
+                step_loss, step_correct = float(buf[n + LOSS]), int(buf[n + CORRECT])
+                stop = stop or bool(buf[n + STOP])  # a signal on any rank stops all of them here
+                if buf[n + ERROR]:
+                    raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
+                                     f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
+                if not (math.isfinite(step_loss) and np.isfinite(buf[:n].sum())):
+                    raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
+                                   f"{step_loss}; lower optimizer.lr (now {cfg.optimizer.lr}), e.g. "
+                                   f"optimizer.lr={cfg.optimizer.lr / 10:g}")
+                opt.step(buf[:n], lr_at(pos.step))
+                pos.step, pos.batch = pos.step + 1, k + 1
+                seen += gsize
+                loss_sum += step_loss * gsize
+                correct += step_correct
+                comm_time += t2 - t1
+                step_time += time.perf_counter() - t0
+                out.step(pos.step, step_loss, step_correct / gsize, seen / step_time)
+                if stop or pos.step >= total_steps:
+                    break
+            else:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+            if seen:
+                metrics = epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time, comm_time)
+                pos.history.append(metrics)
+                out.epoch(metrics, pos.step)
+                summary = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
+            check_in_sync(model, dist)
+            save_error = dist.bcast(out.save(model, opt.state(), pos))
+            if save_error:
+                raise DpcnnError(save_error)
+            if stop:
+                status = "KILLED"
+                log.warning("stopped by signal at step %d; checkpoint written. Resume with trainer.resume=auto "
+                            "hydra.run.dir=%s", pos.step, run_dir)
+                raise SystemExit(143)
+        status = "FINISHED"
+    finally:
+        out.finish(status, model, summary)
+    objective = "val_acc" if data.val is not None else "test_acc"
+    return float(summary.get(objective, float("nan")))
+
+
+def epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time, comm_time) -> dict:
+    test_loss, test_acc = evaluate(model, *data.test, dist, t.eval_batch_size)
+    metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "train_loss": loss_sum / seen,
+               "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
+               "img_per_s": seen / step_time, "allreduce_frac": comm_time / step_time}
+    if data.val is not None:
+        metrics["val_loss"], metrics["val_acc"] = evaluate(model, *data.val, dist, t.eval_batch_size)
+    return metrics
+
+
+def check_in_sync(model: Model, dist: Dist) -> None:
+    """Ranks must hold bitwise-identical parameters; verify with one small allgather."""
+    digests = dist.allgather(hashlib.blake2b(model.params.tobytes(), digest_size=16).hexdigest())
+    if len(set(digests)) != 1:
+        raise DpcnnError("ranks' parameters differ (non-deterministic reduction?); please report this with "
+                         "your MPI library and world size")
+
+
+def resume(cfg, dist, model, opt, run_dir: Path) -> tuple[Position, dict]:
+    """Load a checkpoint on rank 0 and share it; returns the position to continue from."""
+    path = Path(str(cfg.trainer.resume))
+    if str(cfg.trainer.resume) == "auto":
+        path = run_dir / "checkpoints" / checkpoint.LAST
+
+    def read():
+        if not dist.is_root:
+            return None
+        if str(cfg.trainer.resume) == "auto" and not path.exists():
+            return {}
+        ckpt = checkpoint.load(path)
+        if ckpt.params.shape != model.params.shape:
+            raise ConfigError(f"{path}: checkpoint has {ckpt.params.size:,} parameters, the model "
+                              f"{model.num_params:,}; resume with the model config it was trained with")
+        model.params[:] = ckpt.params
+        opt.load_state(ckpt.optimizer)
+        return ckpt.meta
+
+    meta = dist.bcast(agree(dist, read))
+    if not meta:
+        return Position(), None
+    log.info("resuming from %s at step %d (epoch %d, batch %d)", path, meta["step"], meta["epoch"] + 1, meta["batch"])
+    pos = Position(epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], history=meta.get("history", []))
+    return pos, {"path": str(path), "step": meta["step"], "mlflow_run_id": meta.get("mlflow_run_id")}
+
+
+def _fault_injection(rank: int) -> int | None:
+    """DPCNN_FAULT="rank=R,step=S" makes rank R raise at step S (for failure tests)."""
+    spec = os.environ.get("DPCNN_FAULT")
+    if not spec:
+        return None
+    kv = dict(part.split("=") for part in spec.split(","))
+    return int(kv["step"]) if int(kv.get("rank", 0)) == rank else None
+
+
+# ------------------------------------------------------------------ entry points
+
+@hydra.main(config_path=_conf_dir(), config_name="config", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> float:
+    dist = Dist()
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    try:
+        return train(cfg, dist)
+    except DpcnnError as e:
+        # Every rank got here together (agreed errors, or flags reduced with the step).
+        print(f"dpcnn: error: {e}", file=sys.stderr, flush=True)
+        if multirun:
+            return float("nan")  # this trial failed; the sweep goes on
+        sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 - a bug or an error on this rank only: no rank may hang
+        traceback.print_exc()
+        print(f"dpcnn: rank {dist.rank} crashed; aborting all ranks", file=sys.stderr, flush=True)
+        dist.abort(1)
+
+
+def _share_run_stamp() -> None:
+    """Rank 0 decides the run directory's timestamp and every rank uses it (Hydra's ${now:} differs)."""
+    from .dist import Dist
+
+    dist = Dist()
+    if "DPCNN_RUN_STAMP" not in os.environ:
+        stamp = time.strftime("%Y-%m-%d/%H-%M-%S") if dist.is_root else None
+        os.environ["DPCNN_RUN_STAMP"] = dist.bcast(stamp)
+    if not dist.is_root:
+        # Only rank 0 writes .hydra/ and the log file; the others print warnings and errors.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=disabled",
+                     "hydra.job_logging.root.level=WARNING"]
+
+
+def main() -> None:
+    """``python -m dpcnn.train`` / ``dpcnn-train``."""
+    if os.environ.get("HYDRA_FULL_ERROR") is None:
+        logging.captureWarnings(True)
+    _share_run_stamp()
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
