@@ -331,7 +331,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 out.step(pos.step, step_loss, step_correct / gsize, seen / step_time)
                 if stop or pos.step >= total_steps:
                     break
-            else:
+            if pos.batch == sampler.num_batches:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
             if seen:
                 metrics = epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time, comm_time)
