@@ -267,8 +267,10 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     if model.input_shape != x_train.shape[1:]:
         raise ConfigError(f"model input {model.input_shape} does not match the data's {x_train.shape[1:]}")
     sampler = EpochSampler(len(x_train), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
-    total_steps = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
-    lr_at = agree(dist, lambda: make_schedule(cfg.optimizer, sampler.num_batches, total_steps))
+    # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
+    # without reshaping the schedule (so a run stopped and resumed matches one that was not).
+    lr_at = agree(dist, lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
+    last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
     opt = agree(dist, lambda: make_optimizer(model.params, cfg.optimizer))
 
     # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots.
@@ -288,7 +290,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     fault = _fault_injection(dist.rank)
     status, summary, stop = "FAILED", {}, False
     try:
-        while pos.epoch < t.epochs and pos.step < total_steps:
+        while pos.epoch < t.epochs and pos.step < last_step:
             out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
             seen = correct = 0
             loss_sum = comm_time = step_time = 0.0
@@ -329,8 +331,10 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 comm_time += t2 - t1
                 step_time += time.perf_counter() - t0
                 out.step(pos.step, step_loss, step_correct / gsize, seen / step_time)
-                if stop or pos.step >= total_steps:
+                if stop or pos.step >= last_step:
                     break
+                if t.get("checkpoint_every") and pos.step % t.checkpoint_every == 0:
+                    save_or_raise(out, model, opt, pos, dist)
             if pos.batch == sampler.num_batches:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
             if seen:
@@ -339,9 +343,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 out.epoch(metrics, pos.step)
                 summary = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
             check_in_sync(model, dist)
-            save_error = dist.bcast(out.save(model, opt.state(), pos))
-            if save_error:
-                raise DpcnnError(save_error)
+            save_or_raise(out, model, opt, pos, dist)
             if stop:
                 status = "KILLED"
                 log.warning("stopped by signal at step %d; checkpoint written. Resume with trainer.resume=auto "
@@ -362,6 +364,13 @@ def epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time,
     if data.val is not None:
         metrics["val_loss"], metrics["val_acc"] = evaluate(model, *data.val, dist, t.eval_batch_size)
     return metrics
+
+
+def save_or_raise(out: RootOutputs, model: Model, opt, pos: Position, dist: Dist) -> None:
+    """Rank 0 writes the checkpoint; a failure there stops every rank with its message."""
+    error = dist.bcast(out.save(model, opt.state(), pos))
+    if error:
+        raise DpcnnError(error)
 
 
 def check_in_sync(model: Model, dist: Dist) -> None:
