@@ -174,8 +174,8 @@ DATASETS = {
 }
 
 
-def get_spec(cfg: Mapping | DatasetSpec) -> DatasetSpec:
-    """Build a DatasetSpec from a data config (``name`` plus optional overrides).
+def get_spec(cfg: Mapping | DatasetSpec | str) -> DatasetSpec:
+    """Build a DatasetSpec from a registered name or a data config (``name`` plus optional overrides).
 
     A known name starts from the registry entry; any of files, md5, raw_md5,
     mirrors, mean, std, num_classes given (not null) replaces that field. A
@@ -183,6 +183,8 @@ def get_spec(cfg: Mapping | DatasetSpec) -> DatasetSpec:
     """
     if isinstance(cfg, DatasetSpec):
         return cfg
+    if isinstance(cfg, str):
+        cfg = {"name": cfg}
     name = cfg.get("name")
     if not name:
         raise ConfigError("data.name is not set; choose data=mnist or data=fashion_mnist, "

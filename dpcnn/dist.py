@@ -43,6 +43,21 @@ class Dist:
         policy = os.environ.get("DPCNN_MPI_WAIT", "auto")
         self.polite_wait = policy == "yield" or (policy == "auto" and self.oversubscribed)
 
+    def pin_blas_threads(self) -> int:
+        """Give each rank its share of this host's cores for BLAS (at least one thread).
+
+        Ranks that share cores and each start a full BLAS thread pool fight over
+        them; im2col convolutions also got slower with more threads per rank.
+        An explicit OMP_NUM_THREADS / OPENBLAS_NUM_THREADS from the user wins.
+        """
+        if any(v in os.environ for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+            return 0
+        from threadpoolctl import threadpool_limits
+
+        threads = max(1, _cores() // self.local_size)
+        threadpool_limits(threads, user_api="blas")
+        return threads
+
     # --- the step ---------------------------------------------------------
     def allreduce_sum_(self, buf: np.ndarray) -> None:
         """In-place SUM over ranks of a contiguous float buffer (the step's one collective)."""
