@@ -1,0 +1,446 @@
+"""Pictures of a trained network, and the command that draws them.
+
+* ``plot_curves``        train/test (and validation) loss and accuracy per epoch
+* ``plot_confusion``     the test-set confusion matrix, counts in the cells
+* ``plot_filters``       the first conv layer's filters, one tile each
+* ``plot_activations``   what every conv (after its ReLU) and pooling layer
+                         makes of one image: the seed post's promised view
+* ``plot_misclassified`` the test images the network gets wrong, most confident first
+* ``per_class_metrics``  precision, recall, F1 and support per class
+* ``render_report``      all of the above into one folder (what a finished run logs)
+
+Figures are drawn on ``matplotlib.figure.Figure`` with no pyplot, so nothing
+here touches matplotlib's global backend or leaks figures.
+
+Command line, no MLflow server needed for a checkpoint::
+
+    python -m dpcnn.viz checkpoint=outputs/2026-01-01/12-00-00/checkpoints/last.npz
+    python -m dpcnn.viz run_id=<mlflow run id> [tracking_uri=sqlite:///mlflow.db] [out=viz/<run id>]
+
+Other keys: ``images=4`` (activation maps drawn), ``data_root=<folder with the
+dataset>`` (default: the run's ``data.root``, then ``$DPCNN_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .layers import AvgPool2D, Conv2D, MaxPool2D, ReLU
+
+DPI = 80
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    """A pyplot-free figure. Constrained layout only for figures with few axes: its cost grows with them."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+# ------------------------------------------------------------------ numbers
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``cm[t, p]`` = number of examples of class t predicted as p, int64 ``(k, k)``."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def per_class_metrics(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, list]:
+    """Columns ``class, precision, recall, f1, support`` (0 where a ratio has no denominator)."""
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    return {"class": names, "precision": [round(float(v), 4) for v in precision],
+            "recall": [round(float(v), 4) for v in recall], "f1": [round(float(v), 4) for v in f1],
+            "support": [int(v) for v in support]}
+
+
+def write_csv(table: Mapping[str, list], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(table))
+        w.writerows(zip(*table.values()))
+    return path
+
+
+def layer_activations(model, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``[(label, activations (m, h, w, c))]`` for every conv and pooling layer, for inputs ``x``.
+
+    Runs the model's plain layers one by one (not the fused plan training uses),
+    so every intermediate exists. A conv directly followed by a ReLU is shown
+    after the ReLU, as "conv 0 + relu": what the next layer actually receives.
+    """
+    out, layers = [], model.layers
+    h = np.asarray(x, model.dtype)
+    for i, layer in enumerate(layers):
+        h = np.array(layer.forward(h, train=False), copy=True)  # layers may reuse their output buffers
+        if isinstance(layer, Conv2D):
+            if i + 1 < len(layers) and isinstance(layers[i + 1], ReLU):
+                continue  # shown after its ReLU
+            out.append((f"layer {i}: conv {layer.kernel_size}x{layer.kernel_size}", h))
+        elif isinstance(layer, ReLU) and i > 0 and isinstance(layers[i - 1], Conv2D):
+            conv = layers[i - 1]
+            out.append((f"layers {i - 1}-{i}: conv {conv.kernel_size}x{conv.kernel_size} + relu", h))
+        elif isinstance(layer, (MaxPool2D, AvgPool2D)):
+            kind = "max" if isinstance(layer, MaxPool2D) else "avg"
+            out.append((f"layer {i}: {kind}pool {layer.kernel_size}x{layer.kernel_size}", h))
+    return out
+
+
+def to_display(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Normalised network inputs back to [0, 1] pixels, ``(m, h, w)`` for one channel."""
+    img = np.clip(np.asarray(x, np.float32) * np.float32(std) + np.float32(mean), 0, 1)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+# ------------------------------------------------------------------ figures
+
+def plot_curves(history: Sequence[Mapping], path: str | Path, title: str = "learning curves") -> Path:
+    """Loss and accuracy per epoch for each of train/val/test present in ``history``."""
+    fig = _figure(10, 4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    styles = {"train": ("C0", "o"), "val": ("C2", "s"), "test": ("C1", "^")}
+    for split, (color, marker) in styles.items():
+        for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):
+            key = f"{split}_{what}"
+            pts = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
+            if pts:
+                xs, ys = zip(*pts)
+                ys = [100 * y for y in ys] if what == "acc" else ys
+                ax.plot(xs, ys, color=color, marker=marker, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if epochs:
+            ax.set_xticks(sorted(set(epochs)) if len(set(epochs)) <= 20 else ax.get_xticks())
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, path: str | Path, class_names: Sequence[str] | None = None,
+                   title: str = "confusion matrix (test set)") -> Path:
+    """Rows: true class; columns: predicted. Colour: share of the row; text: counts."""
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = _figure(1.6 + 0.55 * k, 1.2 + 0.5 * k)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for t in range(k):
+            for p in range(k):
+                if cm[t, p]:
+                    ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=8,
+                            color="white" if share[t, p] > 0.5 else "black")
+    ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if
+                  max(map(len, names)) > 2 else "center")
+    ax.set_yticks(range(k), names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title}: {np.trace(cm)}/{cm.sum()} correct")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return _save(fig, path)
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def plot_filters(W: np.ndarray, path: str | Path, title: str = "first conv layer filters") -> Path:
+    """One tile per output channel of ``W`` ``(f, f, c_in, c_out)``; several input channels are averaged.
+
+    One symmetric colour scale for all tiles (red positive, blue negative), so
+    filters can be compared with each other.
+    """
+    W = np.asarray(W, np.float32)
+    tiles = W.mean(axis=2) if W.shape[2] > 1 else W[:, :, 0]
+    n = tiles.shape[-1]
+    rows, cols = _grid(n, 8)
+    lim = float(np.abs(tiles).max()) or 1.0
+    fig = _figure(1.2 * cols + 1.2, 1.2 * rows + 0.6, layout=None)
+    fig.subplots_adjust(left=0.02, right=1 - 1.3 / (1.2 * cols + 1.2), bottom=0.02,
+                        top=1 - 0.6 / (1.2 * rows + 0.6), wspace=0.15, hspace=0.3)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    im = None
+    for j, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j < n:
+            im = ax.imshow(tiles[:, :, j], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_title(f"#{j}", fontsize=8)
+        else:
+            ax.axis("off")
+    extra = f" (mean over {W.shape[2]} input channels)" if W.shape[2] > 1 else ""
+    fig.suptitle(f"{title}: {n} filters {W.shape[0]}x{W.shape[1]}{extra}")
+    cax = fig.add_axes([1 - 1.0 / (1.2 * cols + 1.2), 0.1, 0.2 / (1.2 * cols + 1.2), 0.75])
+    fig.colorbar(im, cax=cax, label="weight")
+    return _save(fig, path)
+
+
+def _mosaic(maps: np.ndarray, cols: int, gap: int = 1) -> np.ndarray:
+    """``(h, w, c)`` maps -> one ``(rows*(h+gap), cols*(w+gap))`` image, each map scaled to [0, 1]; gaps NaN."""
+    h, w, c = maps.shape
+    lo, hi = maps.min(axis=(0, 1)), maps.max(axis=(0, 1))
+    scaled = (maps - lo) / np.where(hi > lo, hi - lo, 1)
+    rows = math.ceil(c / cols)
+    out = np.full((rows * (h + gap) - gap, min(c, cols) * (w + gap) - gap), np.nan, np.float32)
+    for ch in range(c):
+        r, col = divmod(ch, cols)
+        out[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = scaled[..., ch]
+    return out
+
+
+def plot_activations(image: np.ndarray, activations: Sequence[tuple[str, np.ndarray]], path: str | Path,
+                     title: str = "", max_channels: int = 32, cols: int = 16) -> Path:
+    """The input, then each layer's feature maps (one tile per channel, each on its own colour scale).
+
+    ``image`` is ``(h, w)`` in [0, 1]; ``activations`` are ``(label, (h', w', c))``
+    for this one image. At most ``max_channels`` channels per layer are shown.
+    Each layer is one mosaic image, so the figure has a handful of axes, not
+    one per channel (10x faster to draw).
+    """
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    cols = max(1, min(cols, max((min(a.shape[-1], max_channels) for _, a in activations), default=1)))
+    blocks = []
+    for label, a in activations:
+        c = min(a.shape[-1], max_channels)
+        more = f", first {max_channels}" if a.shape[-1] > max_channels else ""
+        blocks.append((f"{label}  ({a.shape[0]}x{a.shape[1]}x{a.shape[-1]}{more})", _mosaic(a[..., :c], cols),
+                       math.ceil(c / cols), min(c, cols)))
+    margin, title_in, tile_in = 0.15, 0.28, 0.72  # inches
+    width_in = max(cols * tile_in, 7.0) + 2 * margin  # room for the titles
+    top_in = 0.45 if title else 0.1
+    total = top_in + title_in + 1.5 * tile_in + sum(title_in + rows * tile_in for _, _, rows, _ in blocks) + margin
+    fig = _figure(width_in, total, layout=None)
+    y = total - top_in
+
+    def place(h_in, w_in):
+        nonlocal y
+        y -= title_in + h_in
+        return fig.add_axes([margin / width_in, y / total, w_in / width_in, h_in / total])
+
+    ax = place(1.5 * tile_in, 1.5 * tile_in)
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax.set_title("input", fontsize=9, loc="left")
+    ax.set_axis_off()
+    for label, m, rows, ncols in blocks:
+        ax = place(rows * tile_in, ncols * tile_in)
+        ax.imshow(m, cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, y=1 - 0.1 / total, va="top")
+    return _save(fig, path)
+
+
+def plot_misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray,
+                       path: str | Path, class_names: Sequence[str] | None = None, max_n: int = 36,
+                       total: int | None = None) -> Path:
+    """The given wrong predictions in a grid: "true -> predicted (confidence)"."""
+    n = min(len(images), max_n)
+    names = class_names
+    rows, cols = _grid(max(n, 1), 9)
+    fig = _figure(1.25 * cols, 1.45 * rows + 0.5, layout=None)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / (1.45 * rows + 0.5), wspace=0.1,
+                        hspace=0.35)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for j, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j < n:
+            ax.imshow(images[j], cmap="gray", vmin=0, vmax=1)
+            t, p = (names[y_true[j]], names[y_pred[j]]) if names else (y_true[j], y_pred[j])
+            ax.set_title(f"{t}→{p} ({confidence[j]:.0%})", fontsize=8, color="C3")
+        else:
+            ax.axis("off")
+    shown = f"{n} of {total}" if total is not None and total > n else f"{n}"
+    fig.suptitle(f"misclassified test images ({shown}, most confident first): true→predicted (probability)"
+                 if n else "no misclassified test images")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ the report
+
+def _pick_examples(y: np.ndarray, n: int) -> list[int]:
+    """The first test image of each class in turn, up to n (so the maps show different digits)."""
+    picked, seen = [], set()
+    for i, label in enumerate(y):
+        if len(picked) >= n:
+            break
+        if int(label) not in seen:
+            picked.append(i)
+            seen.add(int(label))
+    for i in range(len(y)):  # fewer classes than n
+        if len(picked) >= n:
+            break
+        if i not in picked:
+            picked.append(i)
+    return picked
+
+
+def render_report(model, x: np.ndarray, y: np.ndarray, out_dir: str | Path, *, history: Sequence[Mapping] = (),
+                  mean: float = 0.0, std: float = 1.0, class_names: Sequence[str] | None = None,
+                  activation_images: int = 4, probs: np.ndarray | None = None) -> dict:
+    """Draw every picture of a trained ``model`` on test data into ``out_dir``.
+
+    ``x`` is what the model eats (normalised, ``(n, h, w, c)``), ``y`` the labels;
+    ``mean``/``std`` undo the normalisation for display. Returns
+    ``{"files": [paths], "confusion": cm, "table": per-class columns, "accuracy": float}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if probs is None:
+        probs = model.predict_proba(x)
+    pred = probs.argmax(axis=1)
+    k = probs.shape[1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    files = []
+    if history:
+        files.append(plot_curves(history, out_dir / "learning_curves.png"))
+    cm = confusion_matrix(y, pred, k)
+    files.append(plot_confusion(cm, out_dir / "confusion_matrix.png", names))
+    table = per_class_metrics(cm, names)
+    files.append(write_csv(table, out_dir / "per_class_metrics.csv"))
+    convs = [(i, layer) for i, layer in enumerate(model.layers) if isinstance(layer, Conv2D)]
+    if convs:
+        i, conv = convs[0]
+        files.append(plot_filters(conv.W, out_dir / f"filters_layer{i}.png", title=f"layer {i} (first conv) filters"))
+    if activation_images > 0 and convs:
+        idx = _pick_examples(y, activation_images)
+        acts = layer_activations(model, x[idx])
+        shown = to_display(x[idx], mean, std)
+        for j, i in enumerate(idx):
+            per_image = [(label, a[j]) for label, a in acts]
+            t, p = names[int(y[i])], names[int(pred[i])]
+            files.append(plot_activations(shown[j], per_image, out_dir / "activations" / f"test_{i:05d}.png",
+                                          title=f"test image {i}: true {t}, predicted {p} ({probs[i, pred[i]]:.1%})"))
+    wrong = np.flatnonzero(pred != y)
+    order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:36]
+    files.append(plot_misclassified(to_display(x[order], mean, std), y[order], pred[order],
+                                    probs[order, pred[order]], out_dir / "misclassified.png", names,
+                                    total=len(wrong)))
+    return {"files": files, "confusion": cm, "table": table, "accuracy": float((pred == y).mean()) if len(y) else 0.0}
+
+
+# ------------------------------------------------------------------ command line
+
+USAGE = __doc__[__doc__.index("Command line"):]
+
+
+def parse_kv(argv: Sequence[str], allowed: Sequence[str], usage: str) -> dict[str, str]:
+    """``key=value`` arguments (Hydra style) -> dict; ``-h``/``--help`` prints ``usage``."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        raise SystemExit(0)
+    out: dict[str, str] = {}
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if not sep or key not in allowed:
+            raise SystemExit(f"error: unexpected argument {a!r}; use key=value with key one of "
+                             f"{', '.join(allowed)} (see --help)")
+        out[key] = value
+    return out
+
+
+def load_checkpoint_for_viz(path: str | Path):
+    """(model, spec, config dict, history) from a training checkpoint."""
+    import yaml
+
+    from . import checkpoint
+    from .errors import DpcnnError
+    from .serving import build_model, spec_from_config
+
+    path = Path(path)
+    if not (path.is_file() or (path / checkpoint.LAST).is_file()):
+        raise DpcnnError(f"{path}: no such checkpoint; give a checkpoints/last.npz or step-*.npz of a dpcnn run")
+    ckpt = checkpoint.load(path)
+    cfg = yaml.safe_load(ckpt.meta.get("config") or "{}")
+    if not cfg.get("model") or not cfg.get("data"):
+        raise DpcnnError(f"{path} holds no training config; was it written by dpcnn.train?")
+    spec = spec_from_config(cfg, num_params=int(ckpt.params.size))
+    return build_model(spec, ckpt.params), spec, cfg, ckpt.meta.get("history") or []
+
+
+def download_run_checkpoint(run_id: str, tracking_uri: str | None, dst: str | Path) -> Path:
+    """The run's logged ``checkpoints/last.npz``."""
+    import mlflow.artifacts
+
+    from .errors import DpcnnError
+    from .tracking import existing_store
+
+    uri = existing_store(tracking_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.npz",
+                                                        dst_path=str(dst), tracking_uri=uri))
+    except Exception as e:  # noqa: BLE001 - no such run, no checkpoint logged, server down: one line
+        raise DpcnnError(f"cannot get checkpoints/last.npz of run {run_id} from {uri}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import tempfile
+
+    from .data import load_data
+    from .errors import DpcnnError
+
+    args = parse_kv(sys.argv[1:] if argv is None else argv,
+                    ("run_id", "checkpoint", "out", "images", "tracking_uri", "data_root"), USAGE)
+    if ("run_id" in args) == ("checkpoint" in args):
+        raise SystemExit("error: give exactly one of run_id=<mlflow run id> or checkpoint=<path to .npz>")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if "run_id" in args:
+                path = download_run_checkpoint(args["run_id"], args.get("tracking_uri"), tmp)
+                default_out = Path("viz") / args["run_id"]
+            else:
+                path = Path(args["checkpoint"])
+                default_out = Path("viz") / (path.parent.parent.name if path.parent.name == "checkpoints"
+                                             else path.stem)
+            model, spec, cfg, history = load_checkpoint_for_viz(path)
+        data_cfg = dict(cfg["data"])
+        if args.get("data_root"):
+            data_cfg["root"] = args["data_root"]
+        data_cfg["progress"] = False
+        data = load_data(data_cfg)
+        x, y = data.test
+        out = Path(args.get("out") or default_out)
+        report = render_report(model, x, y, out, history=history, mean=spec["mean"], std=spec["std"],
+                               class_names=spec["class_names"], activation_images=int(args.get("images", 4)))
+    except DpcnnError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"test accuracy {report['accuracy']:.2%} on {len(y):,} images; wrote {len(report['files'])} files to {out}:")
+    for f in report["files"]:
+        print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
