@@ -1,0 +1,11 @@
+"""dpcnn's Hydra sweeper (``hydra/sweeper=dpcnn``): grid or Optuna trials, run by every MPI rank in lockstep.
+
+Hydra instantiates sweepers only from classes defined under the ``hydra_plugins``
+namespace package, so this module holds the name; the code is in `dpcnn.sweep`.
+"""
+
+from dpcnn.sweep import MpiSweeper
+
+
+class DpcnnSweeper(MpiSweeper):
+    """See `dpcnn.sweep.MpiSweeper`."""
