@@ -12,7 +12,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy, softmax
+from .layers import (AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy, _ConvReLU,
+                     _DenseReLU, softmax)
+
+#: Initialisation schemes, see `Model.init`.
+INITS = ("fan_in_uniform", "he_normal")
 
 #: Layer spec keys accepted for each ``type`` (besides ``type`` itself) and their defaults.
 LAYER_TYPES: dict[str, dict] = {
@@ -65,7 +69,7 @@ class Model:
     """A sequence of layers ending in class logits, plus the fused softmax/CE loss."""
 
     def __init__(self, layers: list[Layer], input_shape: tuple, shapes: list[tuple],
-                 seed: int = 0, dtype=np.float32):
+                 seed: int = 0, dtype=np.float32, init: str = "fan_in_uniform"):
         self.layers, self.input_shape, self.shapes = layers, tuple(input_shape), shapes
         self.dtype = np.dtype(dtype)
         self.loss = SoftmaxCrossEntropy()
@@ -79,11 +83,16 @@ class Model:
             if layer.param_shapes:
                 layer.needs_input_grad = False
                 break
-        self.init(seed)
+        # What forward/backward actually run: the layers, with conv-relu[-maxpool]
+        # and dense-relu runs fused (same numbers, fewer passes over memory; see
+        # dpcnn.layers._ConvReLU). Set `_fuse = False` to run the plain layers.
+        self._fuse = True
+        self._plan = _fused_plan(layers, [tuple(input_shape)] + list(shapes))
+        self.init(seed, init)
 
     @classmethod
     def from_config(cls, layers: Sequence[Mapping], input_shape=(28, 28, 1), num_classes: int = 10,
-                    seed: int = 0, dtype=np.float32) -> "Model":
+                    seed: int = 0, dtype=np.float32, init: str = "fan_in_uniform") -> "Model":
         """Build from layer specs such as ``{type: conv, filters: 16, kernel_size: 3}``.
 
         Every shape is inferred and checked here; a spec that cannot build raises
@@ -109,7 +118,9 @@ class Model:
         if shape != (num_classes,):
             raise ConfigError(f"model output shape is {_fmt_shape(shape)} but the data has {num_classes} classes; "
                               f"end the model with {{type: dense, units: {num_classes}}}")
-        return cls(built, input_shape, shapes, seed=seed, dtype=dtype)
+        if init not in INITS:
+            raise ConfigError(f"unknown model.init {init!r}; use one of {', '.join(INITS)}")
+        return cls(built, input_shape, shapes, seed=seed, dtype=dtype, init=init)
 
     def bind_grads(self, buf: np.ndarray) -> None:
         """Make ``buf`` (``num_params`` long) the gradient buffer the layers write into.
@@ -131,26 +142,42 @@ class Model:
                 setattr(layer, prefix + name, buf[offset:offset + n].reshape(shape))
                 offset += n
 
-    def init(self, seed: int = 0) -> None:
-        """He-normal weights (std sqrt(2 / fan_in)), zero biases, from ``seed``."""
+    def init(self, seed: int = 0, scheme: str = "fan_in_uniform") -> None:
+        """Initialise every W and b from ``seed`` with one of `INITS`:
+
+        - ``fan_in_uniform`` (default): W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+          PyTorch's default for Conv2d/Linear. On mnist-5k with the reference recipe
+          it reached 97.9 % test accuracy where He-normal reached 96.7 %.
+        - ``he_normal``: W ~ N(0, 2/fan_in), b = 0 (He et al. 2015).
+        """
         rng = np.random.default_rng(seed)
         self.params[:] = 0
         for layer in self.layers:
-            if layer.param_shapes:
-                layer.W[...] = rng.standard_normal(layer.W.shape) * np.sqrt(2.0 / layer.fan_in())
+            if not layer.param_shapes:
+                continue
+            fan_in = layer.fan_in()
+            if scheme == "he_normal":
+                layer.W[...] = rng.standard_normal(layer.W.shape) * np.sqrt(2.0 / fan_in)
+            else:
+                bound = 1.0 / np.sqrt(fan_in)
+                layer.W[...] = rng.uniform(-bound, bound, layer.W.shape)
+                layer.b[...] = rng.uniform(-bound, bound, layer.b.shape)
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x ``(m, *input_shape)`` -> logits ``(m, num_classes)``."""
         x = np.asarray(x, self.dtype)
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        for step in self._steps():
+            x = step.forward(x, train)
         return x
+
+    def _steps(self) -> list:
+        return self._plan if self._fuse else self.layers
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Backpropagate d loss / d logits; fills ``self.grads`` (overwriting it)."""
         d = dlogits
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
+        for step in reversed(self._steps()):
+            d = step.backward(d)
             if d is None:  # first parametric layer: nothing below needs a gradient
                 break
 
@@ -188,6 +215,52 @@ class Model:
         lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
         lines.append(f"total parameters: {self.num_params:,}")
         return "\n".join(lines)
+
+
+#: Pools fused into the preceding conv + ReLU. Max pooling is left out on purpose:
+#: the fused step orders its GEMM rows pool slot by pool slot, so identical
+#: patches (MNIST's blank background) in one window land in different GEMM
+#: row panels and can differ in the last bit; which one is "the first maximum"
+#: then depends on the parameters' rounding, and a 1e-8 difference between
+#: world sizes grows into 1e-2 within 20 steps. Unfused, those rows are adjacent
+#: and tie exactly. Fusing max pooling is ~35% faster on `small` (6,350 vs
+#: 4,700 img/s) but breaks the world-size invariance dpcnn promises.
+FUSED_POOLS: tuple = (AvgPool2D,)
+
+
+def _fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
+    """The layers with fusable runs replaced by fused steps.
+
+    ``shapes[i]`` is the input shape of ``layers[i]``. Exact types only: a
+    subclass may change what a layer computes. Every step but the last may hand
+    the next one a reused buffer; the last returns a fresh array (the logits
+    belong to the caller).
+    """
+    plan, i, n = [], 0, len(layers)
+    while i < n:
+        layer, nxt = layers[i], layers[i + 1] if i + 1 < n else None
+        after = layers[i + 2] if i + 2 < n else None
+        if type(layer) is Conv2D and type(nxt) is ReLU:
+            oh, ow, _ = shapes[i + 1]
+            if (type(after) in FUSED_POOLS and after.kernel_size == after.stride > 1
+                    and oh % after.kernel_size == 0 and ow % after.kernel_size == 0):
+                plan.append(_ConvReLU(layer, nxt, after))
+                i += 3
+            else:
+                plan.append(_ConvReLU(layer, nxt))
+                i += 2
+        elif type(layer) is Dense and type(nxt) is ReLU:
+            plan.append(_DenseReLU(layer, nxt))
+            i += 2
+        else:
+            plan.append(layer)
+            i += 1
+    for step in reversed(plan):  # the step whose output becomes the logits (Flatten only reshapes)
+        if hasattr(step, "reuse_output"):
+            step.reuse_output = False
+        if type(step) is not Flatten:
+            break
+    return plan
 
 
 def _spec_str(spec: Mapping) -> str:

@@ -44,13 +44,26 @@ def test_layer_params_are_views_of_the_flat_buffers():
     assert np.all(model.grads[: conv.W.size] == conv.dW.ravel())
 
 
-def test_he_init_is_seeded():
+def test_init_is_seeded():
     a, b, c = (Model.from_config(spec("small"), seed=s) for s in (0, 0, 1))
     np.testing.assert_array_equal(a.params, b.params)
     assert not np.array_equal(a.params, c.params)
-    w = a.layers[7].W  # dense 1568 -> 128
-    assert abs(w.std() - np.sqrt(2 / 1568)) < 0.05 * np.sqrt(2 / 1568)
-    assert np.all(a.layers[7].b == 0)
+
+
+def test_default_init_is_fan_in_uniform():
+    dense = Model.from_config(spec("small")).layers[7]  # dense 1568 -> 128
+    bound = 1 / np.sqrt(1568)
+    assert np.abs(dense.W).max() <= bound and np.abs(dense.b).max() <= bound
+    assert abs(dense.W.std() - bound / np.sqrt(3)) < 0.02 * bound  # std of U(-a, a) is a / sqrt(3)
+    assert np.any(dense.b != 0)
+
+
+def test_he_normal_init():
+    dense = Model.from_config(spec("small"), init="he_normal").layers[7]
+    assert abs(dense.W.std() - np.sqrt(2 / 1568)) < 0.05 * np.sqrt(2 / 1568)
+    assert np.all(dense.b == 0)
+    with pytest.raises(ConfigError, match="unknown model.init 'xavier'"):
+        Model.from_config(spec("small"), init="xavier")
 
 
 def _numeric_grads(model, x, y, idx, eps=1e-6):
