@@ -28,13 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
 from .errors import ConfigError, DpcnnError
 from .model import Model
 from .optim import make_optimizer, make_schedule
-from .tracking import flatten, make_tracker, mark_run
+from .tracking import dataset_input, flatten, make_tracker, mark_run
 
 log = logging.getLogger("dpcnn")
 
@@ -140,9 +140,12 @@ class RootOutputs:
         self.ckpt_dir = run_dir / "checkpoints"
         self.bar = None
 
-    def start(self, model: Model, dist: Dist, resumed_from: dict | None) -> None:
+    def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None) -> None:
+        """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
+        its test split feeds the confusion matrix, activation maps and misclassified examples."""
         if not self.enabled:
             return
+        self.data, self.history = data, self._resumed_history(resumed_from)
         log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
                  self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
                  self.cfg.trainer.batch_size, model.summary())
@@ -166,6 +169,70 @@ class RootOutputs:
             # The run the checkpoint came from was cut short (killed or pre-empted).
             mark_run(self.cfg.tracking.get("uri"), resumed_from["mlflow_run_id"], "FAILED",
                      {"dpcnn.resumed_by": self.tracker.run_id})
+        if data is not None and self.cfg.tracking.get("datasets", True):
+            self._log_datasets(data)
+        if self.cfg.tracking.get("system_metrics", False):
+            self.tracker.start_system_metrics(float(self.cfg.tracking.get("system_metrics_interval", 10)))
+
+    def _resumed_history(self, resumed_from: dict | None) -> list:
+        """The per-epoch metrics of the run a resume continues (for the learning curves)."""
+        if not (resumed_from and resumed_from.get("path")):
+            return []
+        try:
+            return list(checkpoint.load(resumed_from["path"]).meta.get("history") or [])
+        except DpcnnError:
+            return []
+
+    def _log_datasets(self, data) -> None:
+        """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
+        from .data import find_files
+
+        try:
+            found, _ = find_files(data.spec, self.cfg.data.get("root"))
+            source = str(found["train_images"].resolve().parent) if "train_images" in found else None
+            splits = [("train", data.train, "training"), ("val", data.val, "validation"),
+                      ("test", data.test, "testing")]
+            self.tracker.log_inputs([dataset_input(f"{data.spec.name}-{part}", x, y, source, context)
+                                     for part, xy, context in splits if xy is not None for x, y in [xy]])
+        except Exception as e:  # noqa: BLE001 - a record of the data is not worth a failed run
+            log.warning("could not log the datasets to MLflow: %s: %s", type(e).__name__, e)
+
+    def _model_spec(self, model: Model) -> dict:
+        from .serving import model_spec
+
+        spec, normalize = self.data.spec, bool(self.cfg.data.get("normalize", True))
+        return model_spec(OmegaConf.to_container(self.cfg.model.layers, resolve=True), model.input_shape,
+                          spec.num_classes, mean=spec.mean if normalize else 0.0, std=spec.std if normalize else 1.0,
+                          dataset=spec.name, dtype=str(model.dtype), num_params=model.num_params)
+
+    def _log_results(self, model: Model) -> None:
+        """Rank 0, end of a finished run: test-set plots, per-class table, and the servable model."""
+        tcfg, (x, y) = self.cfg.tracking, self.data.test
+        spec, t0 = self._model_spec(model), time.perf_counter()
+        if tcfg.get("plots", True):
+            try:
+                from . import viz
+
+                report = viz.render_report(
+                    model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
+                    class_names=spec["class_names"], activation_images=int(tcfg.get("activation_images", 4)),
+                    probs=model.predict_proba(x, batch_size=self.cfg.trainer.eval_batch_size))
+                self.tracker.log_artifacts(self.run_dir / "plots", "plots")
+                self.tracker.log_table(report["table"], "per_class_metrics.json")
+                log.info("plots of the test set drawn in %s (%.1f s)", self.run_dir / "plots",
+                         time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - pictures are not worth failing a finished run
+                log.warning("drawing the plots failed (%s: %s); the run is otherwise complete", type(e).__name__, e)
+        if tcfg.get("log_model", True):
+            from .serving import log_pyfunc
+
+            params = model.params.copy()
+            example = np.clip(x[:2] * np.float32(spec["std"]) + np.float32(spec["mean"]), 0, 1).astype(np.float32)
+            step = int(self.history[-1].get("step", 0)) if self.history else 0
+            tracker, register_as = self.tracker, tcfg.get("register_as") or None
+            self.tracker.call(lambda: log_pyfunc(tracker.run_id, tracker.experiment_id, params, spec, example,
+                                                 registered_model_name=register_as, step=step,
+                                                 tracking_uri=tracker.uri), "log_model")
 
     @property
     def run_id(self):
@@ -198,6 +265,7 @@ class RootOutputs:
                  metrics["test_loss"], 100 * metrics["test_acc"],
                  f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
                  f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
+        self.history.append({**metrics, "step": step})
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
     def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
@@ -221,9 +289,14 @@ class RootOutputs:
             self.bar.close()
         if summary:
             self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
+        # Plots and the model only for a finished run: a KILLED job (a signal) should exit
+        # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
+        if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
+            self._log_results(model)
         if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
             self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
-        self.tracker.end(status)
+        # An unreachable server is waited for (tracking.flush_timeout), unless a signal says stop.
+        self.tracker.end(status, interrupted=lambda: bool(_signal_received))
 
 
 def _git_commit() -> str | None:
@@ -256,14 +329,16 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     """Train as configured; returns the objective (validation accuracy if there is a split, else test)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     t = cfg.trainer
+    dist.pin_blas_threads()
     dtype = np.dtype(t.dtype) if t.dtype in ("float32", "float64") else None
 
     # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
     agree(dist, lambda: validate(cfg, dist.size))
     model = agree(dist, lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
-                                                  num_classes=cfg.data.num_classes, seed=cfg.seed, dtype=dtype))
+                                                  num_classes=cfg.data.num_classes, seed=cfg.seed, dtype=dtype,
+                                                  init=cfg.model.get("init", "fan_in_uniform")))
     data = load_on_all_ranks(cfg, dist)
-    (x_train, y_train), (x_test, y_test) = data.train, data.test
+    x_train, y_train = data.train
     if model.input_shape != x_train.shape[1:]:
         raise ConfigError(f"model input {model.input_shape} does not match the data's {x_train.shape[1:]}")
     sampler = EpochSampler(len(x_train), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
@@ -285,60 +360,62 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         dist.broadcast_(arr)
 
     out = RootOutputs(cfg, dist, run_dir)
-    agree(dist, lambda: out.start(model, dist, resumed_from))
+    agree(dist, lambda: out.start(model, dist, resumed_from, data))
     augment = cfg.data.get("augment") or {}
     fault = _fault_injection(dist.rank)
+
+    def shard_gradient(k: int, gsize: int, idx: np.ndarray) -> None:
+        """This rank's part of step k: gradient of (its loss sum / global batch) into buf."""
+        try:
+            if fault == pos.step:
+                raise RuntimeError(f"injected fault on rank {dist.rank} at step {pos.step}")
+            x, y = x_train[idx], y_train[idx]
+            if augment.get("enabled"):
+                shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
+                x = random_shift(x, EpochSampler.shard(shifts, dist.rank, dist.size), data.background)
+            buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
+        except Exception:  # noqa: BLE001 - reported here, then every rank stops together
+            print(f"dpcnn: rank {dist.rank} failed at step {pos.step}:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            buf[n + ERROR] = 1
+
     status, summary, stop = "FAILED", {}, False
+    started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
     try:
         while pos.epoch < t.epochs and pos.step < last_step:
             out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
-            seen = correct = 0
-            loss_sum = comm_time = step_time = 0.0
+            stats = EpochStats()
             for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
                 t0 = time.perf_counter()
                 buf[n:] = 0
-                try:
-                    if fault == pos.step:
-                        raise RuntimeError(f"injected fault on rank {dist.rank} at step {pos.step}")
-                    x, y = x_train[idx], y_train[idx]
-                    if augment.get("enabled"):
-                        shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
-                        x = random_shift(x, EpochSampler.shard(shifts, dist.rank, dist.size), data.background)
-                    buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
-                except Exception:  # noqa: BLE001 - reported, then every rank stops together
-                    print(f"dpcnn: rank {dist.rank} failed at step {pos.step}:\n{traceback.format_exc()}",
-                          file=sys.stderr, flush=True)
-                    buf[n + ERROR] = 1
-                if _signal_received:
-                    buf[n + STOP] = 1
+                shard_gradient(k, gsize, idx)
+                buf[n + STOP] = bool(_signal_received)
                 t1 = time.perf_counter()
                 dist.allreduce_sum_(buf)  # the step's one collective: mean gradient + metrics + flags
                 t2 = time.perf_counter()
-                step_loss, step_correct = float(buf[n + LOSS]), int(buf[n + CORRECT])
-                stop = stop or bool(buf[n + STOP])  # a signal on any rank stops all of them here
                 if buf[n + ERROR]:
                     raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
                                      f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
+                step_loss, step_correct = float(buf[n + LOSS]), int(buf[n + CORRECT])
                 if not (math.isfinite(step_loss) and np.isfinite(buf[:n].sum())):
                     raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
                                    f"{step_loss}; lower optimizer.lr (now {cfg.optimizer.lr}), e.g. "
                                    f"optimizer.lr={cfg.optimizer.lr / 10:g}")
                 opt.step(buf[:n], lr_at(pos.step))
                 pos.step, pos.batch = pos.step + 1, k + 1
-                seen += gsize
-                loss_sum += step_loss * gsize
-                correct += step_correct
-                comm_time += t2 - t1
-                step_time += time.perf_counter() - t0
-                out.step(pos.step, step_loss, step_correct / gsize, seen / step_time)
+                stop = stop or bool(buf[n + STOP])  # a signal on any rank stops all of them here
+                stats.add(gsize, step_loss, step_correct, time.perf_counter() - t0, t2 - t1)
+                out.step(pos.step, step_loss, step_correct / gsize, stats.img_per_s)
                 if stop or pos.step >= last_step:
                     break
                 if t.get("checkpoint_every") and pos.step % t.checkpoint_every == 0:
                     save_or_raise(out, model, opt, pos, dist)
             if pos.batch == sampler.num_batches:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
-            if seen:
-                metrics = epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time, comm_time)
+            if stats.seen:
+                metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, **stats.metrics(),
+                           **evaluate_splits(model, data, dist, t.eval_batch_size),
+                           "elapsed_s": time.perf_counter() - started}  # wall time of training so far
                 pos.history.append(metrics)
                 out.epoch(metrics, pos.step)
                 summary = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
@@ -356,14 +433,39 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     return float(summary.get(objective, float("nan")))
 
 
-def epoch_metrics(model, data, dist, t, pos, seen, loss_sum, correct, step_time, comm_time) -> dict:
-    test_loss, test_acc = evaluate(model, *data.test, dist, t.eval_batch_size)
-    metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "train_loss": loss_sum / seen,
-               "train_acc": correct / seen, "test_loss": test_loss, "test_acc": test_acc,
-               "img_per_s": seen / step_time, "allreduce_frac": comm_time / step_time}
+@dataclass
+class EpochStats:
+    """Running totals of one epoch's steps (global figures: every rank has the same)."""
+
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    step_time: float = 0.0
+    comm_time: float = 0.0
+
+    def add(self, batch: int, mean_loss: float, correct: int, step_time: float, comm_time: float) -> None:
+        self.seen += batch
+        self.loss_sum += mean_loss * batch
+        self.correct += correct
+        self.step_time += step_time
+        self.comm_time += comm_time
+
+    @property
+    def img_per_s(self) -> float:
+        return self.seen / self.step_time if self.step_time else 0.0
+
+    def metrics(self) -> dict:
+        return {"train_loss": self.loss_sum / self.seen, "train_acc": self.correct / self.seen,
+                "img_per_s": self.img_per_s, "allreduce_frac": self.comm_time / self.step_time,
+                "step_time_s": self.step_time}
+
+
+def evaluate_splits(model: Model, data, dist: Dist, batch_size: int) -> dict:
+    """test (and, with a validation split, val) loss and accuracy."""
+    out = dict(zip(("test_loss", "test_acc"), evaluate(model, *data.test, dist, batch_size)))
     if data.val is not None:
-        metrics["val_loss"], metrics["val_acc"] = evaluate(model, *data.val, dist, t.eval_batch_size)
-    return metrics
+        out.update(zip(("val_loss", "val_acc"), evaluate(model, *data.val, dist, batch_size)))
+    return out
 
 
 def save_or_raise(out: RootOutputs, model: Model, opt, pos: Position, dist: Dist) -> None:
@@ -426,19 +528,27 @@ def _hydra_entry(cfg: DictConfig) -> float:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     try:
-        return train(cfg, dist)
+        # In a sweep every rank must be running the same trial (else SweepError ends the sweep on all
+        # ranks); a trial that already ran in this sweep returns its recorded objective untrained.
+        recorded = sweep.begin_trial(cfg, dist) if multirun else None
+        objective = recorded if recorded is not None else train(cfg, dist)
+    except sweep.SweepError:
+        raise
     except DpcnnError as e:
         # Every rank got here together (agreed errors, or flags reduced with the step).
         print(f"dpcnn: error: {e}", file=sys.stderr, flush=True)
-        if multirun:
-            return float("nan")  # this trial failed; the sweep goes on
-        sys.exit(1)
+        if not multirun:
+            sys.exit(1)
+        sweep.note_failure(e)
+        objective = float("nan")  # this trial failed (FAILED in MLflow and Optuna); the sweep goes on
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - a bug or an error on this rank only: no rank may hang
         traceback.print_exc()
         print(f"dpcnn: rank {dist.rank} crashed; aborting all ranks", file=sys.stderr, flush=True)
         dist.abort(1)
+    # The value the sweeper sees: allreduced by training, verified identical on every rank.
+    return sweep.end_trial(objective, dist) if multirun else objective
 
 
 def _share_run_stamp() -> None:
