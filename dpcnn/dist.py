@@ -41,7 +41,8 @@ class Dist:
         node.Free()
         self.oversubscribed = self.local_size > _cores()
         policy = os.environ.get("DPCNN_MPI_WAIT", "auto")
-        self.polite_wait = policy == "yield" or (policy == "auto" and self.oversubscribed)
+        self.polite_wait = policy in ("yield", "sleep") or (policy == "auto" and self.oversubscribed)
+        self._sleep = policy == "sleep"
 
     def pin_blas_threads(self) -> int:
         """Give each rank its share of this host's cores for BLAS (at least one thread).
@@ -69,7 +70,10 @@ class Dist:
             return
         req = self.comm.Iallreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
         while not req.Test():
-            time.sleep(20e-6)  # give the core to a rank that is still computing
+            if self._sleep:
+                time.sleep(20e-6)
+            else:
+                os.sched_yield()  # give the core to a rank that is still computing
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's copy."""

@@ -525,8 +525,6 @@ def _fault_injection(rank: int) -> int | None:
 def _hydra_entry(cfg: DictConfig) -> float:
     dist = Dist()
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     try:
         # In a sweep every rank must be running the same trial (else SweepError ends the sweep on all
         # ranks); a trial that already ran in this sweep returns its recorded objective untrained.
@@ -553,8 +551,6 @@ def _hydra_entry(cfg: DictConfig) -> float:
 
 def _share_run_stamp() -> None:
     """Rank 0 decides the run directory's timestamp and every rank uses it (Hydra's ${now:} differs)."""
-    from .dist import Dist
-
     dist = Dist()
     if "DPCNN_RUN_STAMP" not in os.environ:
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S") if dist.is_root else None
@@ -567,6 +563,10 @@ def _share_run_stamp() -> None:
 
 def main() -> None:
     """``python -m dpcnn.train`` / ``dpcnn-train``."""
+    # First thing: a SIGTERM (Slurm pre-emption) during start-up must become a clean
+    # stop at the first step boundary, not a dead rank.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     if os.environ.get("HYDRA_FULL_ERROR") is None:
         logging.captureWarnings(True)
     _share_run_stamp()

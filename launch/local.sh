@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train on this machine with N ranks:
+#
+#   launch/local.sh [N] [hydra overrides...]
+#   launch/local.sh                                  # one rank per core
+#   launch/local.sh 4 model=lenet5 trainer.epochs=3  # 4 ranks, even on 2 cores
+#
+# N defaults to the number of cores. More ranks than cores works with no
+# flags under MPICH's mpirun (the `mpich` wheel): dpcnn notices the
+# oversubscription and waits for the allreduce by polling and sleeping
+# instead of spinning (DPCNN_MPI_WAIT=spin|yield|auto overrides), so a
+# waiting rank does not steal the core of one still computing. Under Open MPI
+# the script adds --oversubscribe (and --allow-run-as-root as root).
+#
+# Each rank gets one BLAS thread (OMP/OPENBLAS/MKL_NUM_THREADS=1, or
+# BLAS_THREADS=k). PYTHON, MPIRUN and MPIRUN_ARGS (extra launcher flags)
+# override what is used; see launch/common.sh for how they are found.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+case "${1:-}" in
+    -h | --help) sed -n '2,/^set -e/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+    np="$1"
+    shift
+else
+    np="$(dpcnn_cores)"
+fi
+(( np >= 1 )) || dpcnn_die "the number of ranks must be >= 1, got $np"
+
+dpcnn_setup
+read -ra extra <<< "${MPIRUN_ARGS:-}"
+flags=()
+if [[ "$MPI_FLAVOUR" == openmpi ]]; then
+    (( np > $(dpcnn_cores) )) && flags+=(--oversubscribe)
+    [[ "$(id -u)" == 0 ]] && flags+=(--allow-run-as-root)
+fi
+dpcnn_exec "$MPIRUN" -n "$np" ${flags[@]+"${flags[@]}"} ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${extra[@]+"${extra[@]}"} \
+    "$PYTHON" -m dpcnn.train "$@"
