@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -140,12 +141,15 @@ class RootOutputs:
         self.ckpt_dir = run_dir / "checkpoints"
         self.bar = None
 
-    def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None) -> None:
+    def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None,
+              history: list | None = None) -> None:
         """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
-        its test split feeds the confusion matrix, activation maps and misclassified examples."""
+        its test split feeds the confusion matrix, activation maps and misclassified examples.
+        ``history`` is the training loop's list of per-epoch metrics (resumed ones included),
+        which the learning curves draw."""
         if not self.enabled:
             return
-        self.data, self.history = data, self._resumed_history(resumed_from)
+        self.data, self.history = data, history if history is not None else []
         log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
                  self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
                  self.cfg.trainer.batch_size, model.summary())
@@ -173,15 +177,6 @@ class RootOutputs:
             self._log_datasets(data)
         if self.cfg.tracking.get("system_metrics", False):
             self.tracker.start_system_metrics(float(self.cfg.tracking.get("system_metrics_interval", 10)))
-
-    def _resumed_history(self, resumed_from: dict | None) -> list:
-        """The per-epoch metrics of the run a resume continues (for the learning curves)."""
-        if not (resumed_from and resumed_from.get("path")):
-            return []
-        try:
-            return list(checkpoint.load(resumed_from["path"]).meta.get("history") or [])
-        except DpcnnError:
-            return []
 
     def _log_datasets(self, data) -> None:
         """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
@@ -265,8 +260,7 @@ class RootOutputs:
                  metrics["test_loss"], 100 * metrics["test_acc"],
                  f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
                  f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
-        self.history.append({**metrics, "step": step})
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
 
     def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
         """Write the checkpoint; returns an error message instead of raising (the caller shares it)."""
@@ -360,7 +354,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         dist.broadcast_(arr)
 
     out = RootOutputs(cfg, dist, run_dir)
-    agree(dist, lambda: out.start(model, dist, resumed_from, data))
+    agree(dist, lambda: out.start(model, dist, resumed_from, data, pos.history))
     augment = cfg.data.get("augment") or {}
     fault = _fault_injection(dist.rank)
 
@@ -413,9 +407,11 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             if pos.batch == sampler.num_batches:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
             if stats.seen:
-                metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, **stats.metrics(),
+                metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
+                           **stats.metrics(),
                            **evaluate_splits(model, data, dist, t.eval_batch_size),
-                           "elapsed_s": time.perf_counter() - started}  # wall time of training so far
+                           "elapsed_s": time.perf_counter() - started,  # wall time of training so far
+                           "peak_rss_mb": max(dist.allgather(_peak_rss_mb()))}  # the largest rank
                 pos.history.append(metrics)
                 out.epoch(metrics, pos.step)
                 summary = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
@@ -508,6 +504,11 @@ def resume(cfg, dist, model, opt, run_dir: Path) -> tuple[Position, dict]:
     log.info("resuming from %s at step %d (epoch %d, batch %d)", path, meta["step"], meta["epoch"] + 1, meta["batch"])
     pos = Position(epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], history=meta.get("history", []))
     return pos, {"path": str(path), "step": meta["step"], "mlflow_run_id": meta.get("mlflow_run_id")}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _fault_injection(rank: int) -> int | None:
