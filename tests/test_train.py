@@ -88,6 +88,7 @@ def test_invalid_override_fails_on_every_rank_before_training(workdir):
     ("trainer.batch_size=1", "trainer.batch_size=1 is the GLOBAL batch and is smaller than the 2 ranks"),
     ("trainer.epochs=0", "trainer.epochs must be an integer >= 1"),
     ("data.name=cifar", "unknown dataset 'cifar'"),
+    ("model.layers.1.type=bogus", "unknown layer type 'bogus'"),
 ])
 def test_bad_config_one_line_on_every_rank(workdir, override, message):
     proc = run_train(2, "model=tiny", override, "tracking=none", *QUIET, cwd=workdir, timeout=60)
