@@ -370,35 +370,3 @@ def test_inplace_relu_fusion_gives_bitwise_identical_gradients(monkeypatch):
         np.testing.assert_array_equal(fused.grads, plain.grads)
         np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
 
-
-def test_training_on_shards_follows_the_full_batch_trajectory():
-    """Data parallelism in one process: the summed gradients of 3 shards must keep the
-    parameters within float rounding of full-batch training, step after step. MNIST's
-    blank background makes exact ties in max-pool windows; a path whose tie-break
-    depends on rounding (the fused max pool) leaves the trajectory within a few steps."""
-    from conftest import MNIST_5K, needs_data
-
-    from dpcnn.data import EpochSampler, load_dataset
-    from dpcnn.optim import SGD, make_schedule
-
-    needs_data()
-    x, y = load_dataset("mnist", root=MNIST_5K).train
-    sampler = EpochSampler(len(x), 60, seed=0)
-
-    def trajectory(parts):
-        model = Model.from_config(spec("small"))
-        opt = SGD(model.params, momentum=0.9, weight_decay=5e-4)  # the mnist_small recipe
-        lr = make_schedule({"lr": 0.05, "schedule": "cosine"}, sampler.num_batches, 10 * sampler.num_batches)
-        out = []
-        for k in range(6):
-            idx = sampler.batch(0, k)
-            total = np.zeros_like(model.grads)
-            for part in np.array_split(idx, parts):
-                model.loss_and_grads(x[part], y[part], denom=len(idx))
-                total += model.grads
-            opt.step(total, lr(k))
-            out.append(model.params.copy())
-        return out
-
-    for a, b in zip(trajectory(1), trajectory(3)):
-        assert np.max(np.abs(a - b)) < 1e-6
