@@ -75,7 +75,7 @@ def save(directory: str | Path, ckpt: Checkpoint, keep_last: int = 1) -> Path:
             tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint in {directory}: {e.strerror or e}; free disk space or point "
                               f"hydra.run.dir at a writable directory (the previous checkpoint is intact)") from None
-    for old in sorted(directory.glob("step-*.npz"))[:-max(keep_last, 1)]:
+    for old in list_steps(directory)[:-max(keep_last, 1)]:
         old.unlink(missing_ok=True)
     return target
 
