@@ -353,16 +353,16 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     for arr in opt.state().values():
         dist.broadcast_(arr)
 
+    fault = _fault_injection(dist.rank)
     out = RootOutputs(cfg, dist, run_dir)
     agree(dist, lambda: out.start(model, dist, resumed_from, data, pos.history))
     augment = cfg.data.get("augment") or {}
-    fault = _fault_injection(dist.rank)
 
     def shard_gradient(k: int, gsize: int, idx: np.ndarray) -> None:
         """This rank's part of step k: gradient of (its loss sum / global batch) into buf."""
         try:
-            if fault == pos.step:
-                raise RuntimeError(f"injected fault on rank {dist.rank} at step {pos.step}")
+            if fault and fault[0] == pos.step:
+                _inject(fault[1], dist.rank, pos.step)
             x, y = x_train[idx], y_train[idx]
             if augment.get("enabled"):
                 shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
@@ -511,13 +511,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _fault_injection(rank: int) -> int | None:
-    """DPCNN_FAULT="rank=R,step=S" makes rank R raise at step S (for failure tests)."""
+def _fault_injection(rank: int) -> tuple[int, str] | None:
+    """DPCNN_FAULT="rank=R,step=S[,action=raise|stall]": what rank R does at step S (for failure tests).
+
+    ``raise`` (the default) fails the step; ``stall`` holds the rank there until a signal arrives,
+    so a test can signal or kill a job at a known step instead of racing a fast run.
+    """
     spec = os.environ.get("DPCNN_FAULT")
     if not spec:
         return None
     kv = dict(part.split("=") for part in spec.split(","))
-    return int(kv["step"]) if int(kv.get("rank", 0)) == rank else None
+    if kv.get("action", "raise") not in ("raise", "stall"):
+        raise DpcnnError(f"DPCNN_FAULT={spec!r}: action must be raise or stall")
+    return (int(kv["step"]), kv.get("action", "raise")) if int(kv.get("rank", 0)) == rank else None
+
+
+def _inject(action: str, rank: int, step: int, stall_limit_s: float = 600.0) -> None:
+    if action == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    end = time.monotonic() + stall_limit_s
+    while not _signal_received and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ entry points

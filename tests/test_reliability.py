@@ -80,11 +80,29 @@ def rank_pids(marker: str) -> dict[int, int]:
     return pids
 
 
-def start_long_run(workdir, run_dir, *extra):
+def running(pid: int, grace: float) -> bool:
+    """Whether ``pid`` is still running after up to ``grace`` seconds (an unreaped zombie has ended)."""
+    end = time.monotonic() + max(grace, 0)
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X") or time.monotonic() >= end:
+            return state not in ("Z", "X")
+        time.sleep(0.1)
+
+
+def start_stalled_run(workdir, run_dir, stall_step):
+    """A 48-step run that checkpoints every 4 steps and holds rank 0 at ``stall_step`` until signalled.
+
+    The run is fast (well under a second of steps), so a test that waited for a checkpoint and then
+    signalled would race it; the stall pins the moment the signal or kill arrives.
+    """
     cmd = [str(MPIRUN), "-n", "2", sys.executable, "-m", "dpcnn.train", *RECIPE, "model=small",
-           "trainer.checkpoint_every=4", "tracking.experiment=rel", f"hydra.run.dir={run_dir}", *extra]
-    return subprocess.Popen(cmd, cwd=workdir, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+           "trainer.checkpoint_every=4", "tracking.experiment=rel", f"hydra.run.dir={run_dir}"]
+    env = train_env(DPCNN_FAULT=f"rank=0,step={stall_step},action=stall")
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, proc, timeout=120):
@@ -98,7 +116,7 @@ def wait_for(path: Path, proc, timeout=120):
 def test_kill_9_of_one_rank_ends_job_and_resume_recovers(workdir, straight_small):
     needs_data()
     run_dir = workdir / "killed"
-    proc = start_long_run(workdir, run_dir)
+    proc = start_stalled_run(workdir, run_dir, stall_step=9)
     wait_for(run_dir / "checkpoints" / "step-00000008.npz", proc)
     pids = rank_pids(str(run_dir))
     assert set(pids) == {0, 1}
@@ -107,9 +125,9 @@ def test_kill_9_of_one_rank_ends_job_and_resume_recovers(workdir, straight_small
     out, err = proc.communicate(timeout=30)
     assert time.monotonic() - start < 30
     assert proc.returncode != 0
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids.values())  # no rank left running
+    assert not any(running(pid, grace=30 - (time.monotonic() - start)) for pid in pids.values())
     ckpt = checkpoint.load(run_dir / "checkpoints")  # the last checkpoint is intact
-    assert ckpt.step >= 8 and ckpt.step % 4 == 0
+    assert ckpt.step == 8
     (crashed,) = runs(workdir, "rel")
     # Resume in the same run dir: continues from the checkpoint and closes the crashed run.
     check_ok(run_train(2, *RECIPE, "model=small", "trainer.checkpoint_every=4", "tracking.experiment=rel",
@@ -123,14 +141,14 @@ def test_kill_9_of_one_rank_ends_job_and_resume_recovers(workdir, straight_small
 def test_sigterm_to_mpirun_checkpoints_marks_killed_and_resumes_exactly(workdir, straight_small):
     needs_data()
     run_dir = workdir / "preempted"
-    proc = start_long_run(workdir, run_dir)
+    proc = start_stalled_run(workdir, run_dir, stall_step=5)
     wait_for(run_dir / "checkpoints" / "step-00000004.npz", proc)
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before pre-emption
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "stopped by signal" in out + err
-    ckpt = checkpoint.load(run_dir / "checkpoints")
-    assert ckpt.step < 48  # stopped early, at a step boundary, with a checkpoint of exactly that step
+    # Stopped at the next step boundary (the stalled step completes), with a checkpoint of that step.
+    assert checkpoint.load(run_dir / "checkpoints").step == 6
     (run,) = runs(workdir, "rel")
     assert run.info.status == "KILLED"
     check_ok(run_train(2, *RECIPE, "model=small", "tracking=none", "trainer.resume=auto",
