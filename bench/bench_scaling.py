@@ -2,7 +2,7 @@
 
 For each world size N it runs ``mpirun -n N python -m dpcnn.train`` (tracking
 off, one epoch of real MNIST) and reads the loop's own figures from the
-checkpoint: aggregate img/s and the share of step time spent in the
+checkpoint (median over the epochs after the first): aggregate img/s and the share of step time spent in the
 Allreduce (which includes waiting for the slowest rank). The ceiling is N
 *independent* single-process trainers started together, each doing the same
 per-rank work (batch B/N) with no communication: what the cores and memory
@@ -13,7 +13,7 @@ the core a computing rank needs; dpcnn polls a non-blocking Allreduce and
 sleeps between polls instead (``DPCNN_MPI_WAIT=auto``, the default). The
 ``spin`` rows show what that saves.
 
-    python bench/bench_scaling.py [--ranks 1 2 4] [--batch 64] [--repeats 3]
+    python bench/bench_scaling.py [--ranks 1 2 4] [--batch 64] [--repeats 3] [--epochs 4] [--waits ...]
 
 Prints a table and writes bench/scaling.json. Needs the data: set
 DPCNN_DATA_DIR (e.g. ../shared/data/mnist-5k).
@@ -50,8 +50,12 @@ def train_args(run_dir: Path, model: str, batch: int, epochs: int) -> list[str]:
             "tracking=none", "trainer.progress=false", "trainer.checkpoint=true", f"hydra.run.dir={run_dir}"]
 
 
-def last_epoch(run_dir: Path) -> dict:
-    return checkpoint.load(run_dir / "checkpoints").meta["history"][-1]
+def steady(run_dir: Path) -> dict:
+    """Median img/s and allreduce share over the epochs after the first (warm-up: first-touch
+    page faults, BLAS buffers, the first epoch's data copies)."""
+    history = checkpoint.load(run_dir / "checkpoints").meta["history"]
+    epochs = history[1:] or history
+    return {k: median(e[k] for e in epochs) for k in ("img_per_s", "allreduce_frac")}
 
 
 def data_parallel(n: int, model: str, batch: int, epochs: int, wait: str) -> dict:
@@ -59,8 +63,7 @@ def data_parallel(n: int, model: str, batch: int, epochs: int, wait: str) -> dic
         run_dir = Path(tmp) / "run"
         cmd = [str(MPIRUN), "-n", str(n), sys.executable, *train_args(run_dir, model, batch, epochs)]
         subprocess.run(cmd, cwd=tmp, env=env(DPCNN_MPI_WAIT=wait), check=True, capture_output=True)
-        m = last_epoch(run_dir)
-    return {"img_per_s": m["img_per_s"], "allreduce_frac": m["allreduce_frac"]}
+        return steady(run_dir)
 
 
 def independent(n: int, model: str, batch: int, epochs: int) -> dict:
@@ -72,7 +75,7 @@ def independent(n: int, model: str, batch: int, epochs: int) -> dict:
         for p in procs:
             if p.wait() != 0:
                 raise RuntimeError(p.stderr.read().decode()[-2000:])
-        return {"img_per_s": sum(last_epoch(d)["img_per_s"] for d in dirs)}
+        return {"img_per_s": sum(steady(d)["img_per_s"] for d in dirs)}
 
 
 def main() -> None:
@@ -80,8 +83,10 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--model", default="small")
     ap.add_argument("--batch", type=int, default=64, help="global batch")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--waits", nargs="+", default=["spin"], choices=["spin", "yield", "sleep"],
+                    help="DPCNN_MPI_WAIT policies to compare with auto when ranks outnumber cores")
     ap.add_argument("--out", default=str(REPO / "bench" / "scaling.json"))
     args = ap.parse_args()
     if not os.environ.get("DPCNN_DATA_DIR"):
@@ -90,13 +95,17 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     rows = []
     for n in args.ranks:
-        waits = ["auto", "spin"] if n > cores else ["auto"]
+        waits = ["auto", *[w for w in args.waits if w != "auto"]] if n > cores else ["auto"]
         for wait in waits:
-            dp = [data_parallel(n, args.model, args.batch, args.epochs, wait) for _ in range(args.repeats)]
+            # Interleaved (dp, ceiling, dp, ceiling, ...): a slow spell of a shared machine hits both.
+            dp, ceiling = [], []
+            for _ in range(args.repeats):
+                dp.append(data_parallel(n, args.model, args.batch, args.epochs, wait))
+                if wait == "auto":
+                    ceiling.append(independent(n, args.model, args.batch, args.epochs))
             row = {"ranks": n, "wait": wait, "img_per_s": median(r["img_per_s"] for r in dp),
                    "allreduce_frac": median(r["allreduce_frac"] for r in dp)}
-            if wait == "auto":
-                ceiling = [independent(n, args.model, args.batch, args.epochs) for _ in range(args.repeats)]
+            if ceiling:
                 row["independent_img_per_s"] = median(c["img_per_s"] for c in ceiling)
                 row["efficiency_vs_independent"] = row["img_per_s"] / row["independent_img_per_s"]
             rows.append(row)
