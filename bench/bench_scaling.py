@@ -1,10 +1,9 @@
 """Data-parallel scaling of the real training loop, against the machine's own ceiling.
 
 For each world size N it runs ``mpirun -n N python -m dpcnn.train`` (tracking
-off, a few epochs of real MNIST) and reads the loop's own figures from the
-checkpoint (median over the epochs after the first): aggregate img/s and the
-share of step time spent in the Allreduce (which includes waiting for the
-slowest rank). The ceiling is N
+off, one epoch of real MNIST) and reads the loop's own figures from the
+checkpoint (median over the epochs after the first): aggregate img/s and the share of step time spent in the
+Allreduce (which includes waiting for the slowest rank). The ceiling is N
 *independent* single-process trainers started together, each doing the same
 per-rank work (batch B/N) with no communication: what the cores and memory
 bandwidth allow when nothing is shared. Efficiency = data-parallel / ceiling.
@@ -12,11 +11,9 @@ bandwidth allow when nothing is shared. Efficiency = data-parallel / ceiling.
 With more ranks than cores, ranks that spin inside MPI while waiting steal
 the core a computing rank needs; dpcnn polls a non-blocking Allreduce and
 sleeps between polls instead (``DPCNN_MPI_WAIT=auto``, the default). The
-``spin`` rows show what that saves. With ``--mpi-allreduce`` each world size
-also runs with MPI's own Allreduce instead of dpcnn's shared-memory sum
-(``DPCNN_ALLREDUCE=mpi``; see dpcnn.dist.SharedSum).
+``spin`` rows show what that saves.
 
-    python bench/bench_scaling.py [--ranks 1 2 4] [--batch 64] [--repeats 3] [--epochs 4] [--waits ...] [--mpi-allreduce]
+    python bench/bench_scaling.py [--ranks 1 2 4] [--batch 64] [--repeats 3] [--epochs 4] [--waits ...]
 
 Prints a table and writes bench/scaling.json. Needs the data: set
 DPCNN_DATA_DIR (e.g. ../shared/data/mnist-5k).
@@ -61,11 +58,11 @@ def steady(run_dir: Path) -> dict:
     return {k: median(e[k] for e in epochs) for k in ("img_per_s", "allreduce_frac")}
 
 
-def data_parallel(n: int, model: str, batch: int, epochs: int, wait: str, allreduce: str = "auto") -> dict:
+def data_parallel(n: int, model: str, batch: int, epochs: int, wait: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [str(MPIRUN), "-n", str(n), sys.executable, *train_args(run_dir, model, batch, epochs)]
-        subprocess.run(cmd, cwd=tmp, env=env(DPCNN_MPI_WAIT=wait, DPCNN_ALLREDUCE=allreduce), check=True, capture_output=True)
+        subprocess.run(cmd, cwd=tmp, env=env(DPCNN_MPI_WAIT=wait), check=True, capture_output=True)
         return steady(run_dir)
 
 
@@ -88,8 +85,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="global batch")
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--mpi-allreduce", action="store_true",
-                    help="also run each world size with DPCNN_ALLREDUCE=mpi (MPI's Allreduce, not shared memory)")
     ap.add_argument("--waits", nargs="+", default=["spin"], choices=["spin", "yield", "sleep"],
                     help="DPCNN_MPI_WAIT policies to compare with auto when ranks outnumber cores")
     ap.add_argument("--out", default=str(REPO / "bench" / "scaling.json"))
@@ -100,35 +95,28 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     rows = []
     for n in args.ranks:
-        # (wait policy, allreduce): the default first, then the alternatives asked for.
-        variants = [("auto", "auto")]
-        if n > 1 and args.mpi_allreduce:
-            variants.append(("auto", "mpi"))
-        if n > cores:
-            variants += [(w, "auto") for w in args.waits if w != "auto"]
-        for wait, allreduce in variants:
+        waits = ["auto", *[w for w in args.waits if w != "auto"]] if n > cores else ["auto"]
+        for wait in waits:
             # Interleaved (dp, ceiling, dp, ceiling, ...): a slow spell of a shared machine hits both.
             dp, ceiling = [], []
             for _ in range(args.repeats):
-                dp.append(data_parallel(n, args.model, args.batch, args.epochs, wait, allreduce))
-                if (wait, allreduce) == ("auto", "auto"):
+                dp.append(data_parallel(n, args.model, args.batch, args.epochs, wait))
+                if wait == "auto":
                     ceiling.append(independent(n, args.model, args.batch, args.epochs))
-            row = {"ranks": n, "wait": wait, "allreduce": allreduce if n > 1 else "-",
-                   "img_per_s": median(r["img_per_s"] for r in dp),
+            row = {"ranks": n, "wait": wait, "img_per_s": median(r["img_per_s"] for r in dp),
                    "allreduce_frac": median(r["allreduce_frac"] for r in dp)}
             if ceiling:
                 row["independent_img_per_s"] = median(c["img_per_s"] for c in ceiling)
                 row["efficiency_vs_independent"] = row["img_per_s"] / row["independent_img_per_s"]
             rows.append(row)
     one = next((r["img_per_s"] for r in rows if r["ranks"] == 1), None)
-    two = next((r["img_per_s"] for r in rows if r["ranks"] == 2 and (r["wait"], r["allreduce"]) == ("auto", "auto")),
-               None)
+    two = next((r["img_per_s"] for r in rows if r["ranks"] == 2 and r["wait"] == "auto"), None)
     print(f"{args.model}, global batch {args.batch}, {cores} cores, 1 BLAS thread per rank, "
           f"median of {args.repeats}")
-    print(f"{'ranks':>5} {'wait':>5} {'sum':>4} {'img/s':>9} {'allreduce':>9} {'indep. img/s':>12} {'eff. vs indep.':>14} "
+    print(f"{'ranks':>5} {'wait':>5} {'img/s':>9} {'allreduce':>9} {'indep. img/s':>12} {'eff. vs indep.':>14} "
           f"{'vs 1 rank':>9} {'vs 2 ranks':>10}")
     for r in rows:
-        print(f"{r['ranks']:>5} {r['wait']:>5} {r['allreduce']:>4} {r['img_per_s']:>9,.0f} {r['allreduce_frac']:>9.1%} "
+        print(f"{r['ranks']:>5} {r['wait']:>5} {r['img_per_s']:>9,.0f} {r['allreduce_frac']:>9.1%} "
               f"{r.get('independent_img_per_s', float('nan')):>12,.0f} "
               f"{r.get('efficiency_vs_independent', float('nan')):>14.1%} "
               f"{r['img_per_s'] / one if one else float('nan'):>9.2f} "

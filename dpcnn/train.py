@@ -361,7 +361,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots. With
     # micro-batches it is float64 and sums the micro-batches' gradients (see micro_slices).
     n, micro = model.num_params, t.get("micro_batch")
-    buf = dist.step_buffer(n + 4, np.float64 if micro else model.dtype)
+    buf = np.zeros(n + 4, np.float64 if micro else model.dtype)
     grad = np.zeros(n, model.dtype) if micro else buf[:n]  # the optimizer's (reduced) gradient
     model.bind_grads(grad)
     pos, resumed_from = Position(), None
@@ -451,7 +451,6 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                             "hydra.run.dir=%s", pos.step, run_dir)
                 raise SystemExit(143)
         status = "FINISHED"
-        dist.release()  # (collective: only where every rank is; an error path leaves it to the next trial or exit)
     finally:
         out.finish(status, model, summary)
     objective = "val_acc" if data.val is not None else "test_acc"
