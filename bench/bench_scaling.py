@@ -1,9 +1,10 @@
 """Data-parallel scaling of the real training loop, against the machine's own ceiling.
 
 For each world size N it runs ``mpirun -n N python -m dpcnn.train`` (tracking
-off, one epoch of real MNIST) and reads the loop's own figures from the
-checkpoint (median over the epochs after the first): aggregate img/s and the share of step time spent in the
-Allreduce (which includes waiting for the slowest rank). The ceiling is N
+off, a few epochs of real MNIST) and reads the loop's own figures from the
+checkpoint (median over the epochs after the first): aggregate img/s and the
+share of step time spent in the Allreduce (which includes waiting for the
+slowest rank). The ceiling is N
 *independent* single-process trainers started together, each doing the same
 per-rank work (batch B/N) with no communication: what the cores and memory
 bandwidth allow when nothing is shared. Efficiency = data-parallel / ceiling.
