@@ -323,16 +323,13 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size:
 # --------------------------------------------------------------------- training
 
 def micro_slices(start: int, length: int, micro: int) -> list[slice]:
-    """A shard's micro-batches: the shard is global positions [start, start + length) of its
-    batch, cut at the multiples of ``micro``, so that where shards are whole micro-batches every
-    world size computes the very same micro-batches. Their gradients are summed in float64 and
-    reduced in float64: nearly exact sums, which do not depend on the order of the additions, so
-    the reduced gradient (rounded once to the model's dtype) and the whole trajectory are then
-    the same at every world size, bitwise in practice (not only to within rounding, after
-    which float32 trajectories separate chaotically at ReLU / max-pool near-ties)."""
+    """A shard's micro-batches, as slices of the shard. The shard is global positions
+    [start, start + length) of its batch; it is cut at the multiples of ``micro``, so where
+    shards are whole micro-batches every world size computes the very same micro-batches.
+    Summed and reduced in float64 (nearly exact, so the order of the additions no longer
+    matters), they make the trajectory the same at every world size (README)."""
     cuts = [start, *range((start // micro + 1) * micro, start + length, micro), start + length]
     return [slice(a - start, b - start) for a, b in zip(cuts, cuts[1:]) if b > a]
-
 
 
 def train(cfg: DictConfig, dist: Dist) -> float:
