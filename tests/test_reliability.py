@@ -147,8 +147,9 @@ def test_sigterm_to_mpirun_checkpoints_marks_killed_and_resumes_exactly(workdir,
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "stopped by signal" in out + err
-    # Stopped at the next step boundary (the stalled step completes), with a checkpoint of that step.
-    assert checkpoint.load(run_dir / "checkpoints").step == 6
+    # Stopped at the first step boundary after the signal, with a checkpoint of exactly that step: 5 if
+    # the signal came while step 5 was computing, 6 if rank 0 was already held in step 6 (never later).
+    assert checkpoint.load(run_dir / "checkpoints").step in (5, 6)
     (run,) = runs(workdir, "rel")
     assert run.info.status == "KILLED"
     check_ok(run_train(2, *RECIPE, "model=small", "tracking=none", "trainer.resume=auto",
