@@ -68,6 +68,8 @@ dpcnn_setup() {
     # Run this checkout's dpcnn (and its conf/) even where it is not pip-installed.
     export PYTHONPATH="$DPCNN_REPO${PYTHONPATH:+:$PYTHONPATH}"
     MPI_FLAVOUR="$(dpcnn_mpi_flavour)"
+    # shellcheck disable=SC2034  # EXTRA_ARGS: MPIRUN_ARGS as words, for the scripts that source this
+    read -ra EXTRA_ARGS <<< "${MPIRUN_ARGS:-}"
     # Flags that put the BLAS pin into every rank's environment explicitly, so a
     # remote host's shell profile cannot undo it.
     BLAS_ENV_FLAGS=()
@@ -79,6 +81,16 @@ dpcnn_setup() {
             BLAS_ENV_FLAGS+=(-genv "$var" "$n")
         fi
     done
+}
+
+# Launcher flags for N ranks on this host, in LOCAL_FLAGS: Open MPI wants
+# --oversubscribe beyond the cores and --allow-run-as-root as root; MPICH neither.
+dpcnn_local_flags() {
+    LOCAL_FLAGS=()
+    if [[ "$MPI_FLAVOUR" == openmpi ]]; then
+        if (( $1 > $(dpcnn_cores) )); then LOCAL_FLAGS+=(--oversubscribe); fi
+        if [[ "$(id -u)" == 0 ]]; then LOCAL_FLAGS+=(--allow-run-as-root); fi
+    fi
 }
 
 # Cores this process may run on. (GNU nproc would answer $OMP_NUM_THREADS if set,

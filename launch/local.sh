@@ -30,11 +30,6 @@ fi
 (( np >= 1 )) || dpcnn_die "the number of ranks must be >= 1, got $np"
 
 dpcnn_setup
-read -ra extra <<< "${MPIRUN_ARGS:-}"
-flags=()
-if [[ "$MPI_FLAVOUR" == openmpi ]]; then
-    (( np > $(dpcnn_cores) )) && flags+=(--oversubscribe)
-    [[ "$(id -u)" == 0 ]] && flags+=(--allow-run-as-root)
-fi
-dpcnn_exec "$MPIRUN" -n "$np" ${flags[@]+"${flags[@]}"} ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${extra[@]+"${extra[@]}"} \
+dpcnn_local_flags "$np"
+dpcnn_exec "$MPIRUN" -n "$np" ${LOCAL_FLAGS[@]+"${LOCAL_FLAGS[@]}"} ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} \
     "$PYTHON" -m dpcnn.train "$@"

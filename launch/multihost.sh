@@ -43,7 +43,6 @@ if ! [[ "$np" =~ ^[0-9]+$ ]] || (( np < 1 )); then
 fi
 
 dpcnn_setup
-read -ra extra <<< "${MPIRUN_ARGS:-}"
 if [[ "$MPI_FLAVOUR" == openmpi ]]; then
     # Open MPI: hostfile lines are "host slots=K"; variables are exported with -x.
     flags=(--hostfile "$hostfile" -x PYTHONPATH -x PATH)
@@ -54,5 +53,5 @@ if [[ "$MPI_FLAVOUR" == openmpi ]]; then
 else
     flags=(-f "$hostfile" -launcher "${LAUNCHER:-ssh}")
 fi
-dpcnn_exec "$MPIRUN" ${flags[@]+"${flags[@]}"} -n "$np" ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${extra[@]+"${extra[@]}"} \
+dpcnn_exec "$MPIRUN" ${flags[@]+"${flags[@]}"} -n "$np" ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} \
     "$PYTHON" -m dpcnn.train "$@"

@@ -73,13 +73,8 @@ for arg in "$@"; do
     [[ "$arg" == hydra.sweep.dir=* ]] && sweep_dir="${arg#hydra.sweep.dir=}"
 done
 
-read -ra extra <<< "${MPIRUN_ARGS:-}"
-flags=()
-if [[ "$MPI_FLAVOUR" == openmpi ]]; then
-    (( np > $(dpcnn_cores) )) && flags+=(--oversubscribe)
-    [[ "$(id -u)" == 0 ]] && flags+=(--allow-run-as-root)
-fi
-cmd=("$MPIRUN" -n "$np" "${flags[@]}" "${BLAS_ENV_FLAGS[@]}" "${extra[@]}" "$PYTHON" -m dpcnn.train -m "$@")
+dpcnn_local_flags "$np"
+cmd=("$MPIRUN" -n "$np" "${LOCAL_FLAGS[@]}" "${BLAS_ENV_FLAGS[@]}" "${EXTRA_ARGS[@]}" "$PYTHON" -m dpcnn.train -m "$@")
 printf '+' >&2; printf ' %q' "${cmd[@]}" >&2; printf '\n' >&2
 rc=0
 "${cmd[@]}" || rc=$?
