@@ -15,6 +15,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from . import errors
+
 _MPI_DTYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
 
 
@@ -88,6 +90,36 @@ class Dist:
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj) if self.size > 1 else [obj]
 
+    def agree(self, fn, catch: type[BaseException] = errors.DpcnnError, raise_as=None):
+        """Run ``fn`` on every rank; if it raises ``catch`` on any rank, raise it on all of them.
+
+        Every rank reaches the allgather, so a bad config or a missing file ends the
+        job with the same one-line error everywhere instead of a hang. The error is
+        rebuilt from the first failing rank's (type name, message): as the dpcnn error
+        class of that name, or as ``raise_as(f"{type}: {message}")`` when given.
+        """
+        try:
+            result, err = fn(), None
+        except catch as e:
+            result, err = None, (type(e).__name__, str(e))
+        failed = [e for e in self.allgather(err) if e]
+        if failed:
+            raise _rebuild(*failed[0], raise_as)
+        return result
+
+    def from_root(self, fn, catch: type[BaseException] = errors.DpcnnError, raise_as=None):
+        """``fn()`` on rank 0 only; its result, or its error (rebuilt as in `agree`), on every rank."""
+        msg = None
+        if self.is_root:
+            try:
+                msg = (None, fn())
+            except catch as e:
+                msg = ((type(e).__name__, str(e)), None)
+        err, result = self.bcast(msg)
+        if err:
+            raise _rebuild(*err, raise_as)
+        return result
+
     def barrier(self) -> None:
         if self.size > 1:
             self.comm.Barrier()
@@ -107,6 +139,16 @@ class Dist:
 
     def __repr__(self) -> str:
         return f"Dist(rank={self.rank}, size={self.size}, local={self.local_size}, polite_wait={self.polite_wait})"
+
+
+def _rebuild(kind: str, message: str, raise_as=None) -> BaseException:
+    """The exception another rank raised, as far as a (type name, message) pair can carry it."""
+    if raise_as is not None:
+        return raise_as(f"{kind}: {message}")
+    for cls in (errors.DpcnnError, *errors.DpcnnError.__subclasses__()):
+        if cls.__name__ == kind:
+            return cls(message)
+    return errors.DpcnnError(message)
 
 
 def world_rank_and_size() -> tuple[int, int]:

@@ -172,32 +172,6 @@ class MpiSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="dpcnn", node=MpiSweeperConf, provider="dpcnn")
 
 
-def _agreed(dist, fn):
-    """Run ``fn`` on every rank; an error on any rank is raised as SweepError on all of them."""
-    try:
-        result, err = fn(), None
-    except Exception as e:  # noqa: BLE001 - shared, then raised everywhere
-        result, err = None, f"{type(e).__name__}: {e}"
-    errors = [e for e in dist.allgather(err) if e]
-    if errors:
-        raise SweepError(errors[0])
-    return result
-
-
-def _from_root(dist, fn):
-    """``fn()`` on rank 0 only; its result (or its error, as SweepError) on every rank."""
-    msg = None
-    if dist.is_root:
-        try:
-            msg = ("ok", fn())
-        except Exception as e:  # noqa: BLE001
-            msg = ("error", f"{type(e).__name__}: {e}")
-    kind, payload = dist.bcast(msg)
-    if kind == "error":
-        raise SweepError(payload)
-    return payload
-
-
 def _key(override: Override) -> str:
     return override.get_key_element().lstrip("+~")
 
@@ -279,9 +253,9 @@ class MpiSweeper(Sweeper):
                                      "interval(...) needs Optuna: hparams_search=optuna or hydra.sweeper.mode=optuna")
             return BasicSweeper.split_arguments(overrides, None)[0]
 
-        jobs = _from_root(dist, expand)
+        jobs = dist.from_root(expand, Exception, SweepError)
         # A typo (unknown option or key) stops the sweep before any training, on every rank.
-        _agreed(dist, lambda: self.validate_batch_is_legal(jobs))
+        dist.agree(lambda: self.validate_batch_is_legal(jobs), Exception, SweepError)
         return [self._launch(num, job) for num, job in enumerate(jobs)]
 
     def _launch(self, num: int, job: list[str]):
@@ -317,8 +291,8 @@ class MpiSweeper(Sweeper):
             # One representative trial, to catch typos in the search space's keys before any training.
             return fixed + [f"{k}={_representative(d)}" for k, d in space.items()]
 
-        probe = _from_root(dist, plan)
-        _agreed(dist, lambda: self.validate_batch_is_legal([probe]))
+        probe = dist.from_root(plan, Exception, SweepError)
+        dist.agree(lambda: self.validate_batch_is_legal([probe]), Exception, SweepError)
         results = []
         for num in range(self.n_trials):
             pending = None
@@ -328,7 +302,7 @@ class MpiSweeper(Sweeper):
                 pending = study.ask(space)
                 return fixed + [f"{k}={v}" for k, v in pending.params.items()]
 
-            job = _from_root(dist, ask)
+            job = dist.from_root(ask, Exception, SweepError)
             try:
                 self.validate_batch_is_legal([job])
                 error = None

@@ -75,23 +75,6 @@ class Position:
 
 # ----------------------------------------------------------------------------- setup
 
-def agree(dist: Dist, fn):
-    """Run ``fn`` on every rank; if it raises a DpcnnError on any rank, raise it on all.
-
-    Every rank reaches the allgather, so a bad config or missing file ends the
-    job with the same one-line error everywhere instead of a hang.
-    """
-    try:
-        result, err = fn(), None
-    except DpcnnError as e:
-        result, err = None, f"{type(e).__name__}:{e}"
-    errors = [e for e in dist.allgather(err) if e]
-    if errors:
-        kind, _, message = errors[0].partition(":")
-        raise (ConfigError if kind == "ConfigError" else DpcnnError)(message)
-    return result
-
-
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Checks that need no data and no model: fail in seconds, before any compute."""
     t = cfg.trainer
@@ -124,9 +107,9 @@ def load_on_all_ranks(cfg: DictConfig, dist: Dist):
             ensure_files(spec, cfg.data.root, download=cfg.data.download,
                          verify_checksum=cfg.data.verify_checksum, progress=bool(cfg.trainer.progress))
 
-    agree(dist, fetch)
+    dist.agree(fetch)
     data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "download": False, "verify_checksum": False}
-    return agree(dist, lambda: load_data(data_cfg))
+    return dist.agree(lambda: load_data(data_cfg))
 
 
 # ------------------------------------------------------------------ rank-0 outputs
@@ -340,8 +323,8 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     dtype = np.dtype(t.dtype) if t.dtype in ("float32", "float64") else None
 
     # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
-    agree(dist, lambda: validate(cfg, dist.size))
-    model = agree(dist, lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
+    dist.agree(lambda: validate(cfg, dist.size))
+    model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
                                                   num_classes=cfg.data.num_classes, seed=cfg.seed, dtype=dtype,
                                                   init=cfg.model.get("init", "fan_in_uniform")))
     data = load_on_all_ranks(cfg, dist)
@@ -351,9 +334,9 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     sampler = EpochSampler(len(x_train), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
     # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
     # without reshaping the schedule (so a run stopped and resumed matches one that was not).
-    lr_at = agree(dist, lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
+    lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
     last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
-    opt = agree(dist, lambda: make_optimizer(model.params, cfg.optimizer))
+    opt = dist.agree(lambda: make_optimizer(model.params, cfg.optimizer))
 
     # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots. With
     # micro-batches it is float64 and sums the micro-batches' gradients (see micro_slices).
@@ -370,7 +353,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
 
     fault = _fault_injection(dist.rank)
     out = RootOutputs(cfg, dist, run_dir)
-    agree(dist, lambda: out.start(model, dist, resumed_from, data, pos.history))
+    dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
     augment = cfg.data.get("augment") or {}
 
     def shard_gradient(k: int, gsize: int, idx: np.ndarray) -> None:
@@ -523,7 +506,7 @@ def resume(cfg, dist, model, opt, run_dir: Path) -> tuple[Position, dict]:
         opt.load_state(ckpt.optimizer)
         return ckpt.meta
 
-    meta = dist.bcast(agree(dist, read))
+    meta = dist.bcast(dist.agree(read))
     if not meta:
         return Position(), None
     log.info("resuming from %s at step %d (epoch %d, batch %d)", path, meta["step"], meta["epoch"] + 1, meta["batch"])
