@@ -25,7 +25,7 @@ import numpy as np
 from dpcnn.data import load_dataset
 from dpcnn.model import Model
 from dpcnn.optim import SGD
-from dpcnn.train import micro_slices
+from dpcnn.step import micro_slices
 
 
 def run(x, y, seed: int, shards: int, fused: bool, steps: int, batch: int, micro: int | None) -> np.ndarray:

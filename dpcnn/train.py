@@ -10,17 +10,16 @@ every rank, and every rank takes the same SGD step, so the ranks never drift.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import math
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -29,13 +28,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint, sweep
+from . import faults, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
 from .errors import ConfigError, DpcnnError
 from .model import Model
 from .optim import make_optimizer, make_schedule
-from .tracking import dataset_input, flatten, make_tracker, mark_run
+from .outputs import RootOutputs
+from .resume import Position, check_in_sync, resume, save_or_raise, start_identical
+from .step import StepBuffer, shard_start
 
 log = logging.getLogger("dpcnn")
 
@@ -53,8 +54,6 @@ class Diverged(DpcnnError):
     """The loss or the gradients stopped being finite."""
 
 
-# Slots after the gradients in the step buffer, summed over ranks by the step's Allreduce.
-LOSS, CORRECT, STOP, ERROR = range(4)
 #: Set by SIGTERM/SIGINT on any rank; acted on at the next step boundary by all ranks together.
 _signal_received: list[int] = []
 
@@ -63,14 +62,9 @@ def _on_signal(signum, frame):  # noqa: ARG001
     _signal_received.append(signum)
 
 
-@dataclass
-class Position:
-    """Where training is: what a resume needs besides the arrays."""
-
-    epoch: int = 0
-    batch: int = 0          # next global batch within the epoch
-    step: int = 0           # optimizer steps taken
-    history: list = field(default_factory=list)  # per-epoch metrics
+def stop_requested() -> bool:
+    """A SIGTERM/SIGINT arrived on this rank."""
+    return bool(_signal_received)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -112,180 +106,134 @@ def load_on_all_ranks(cfg: DictConfig, dist: Dist):
     return dist.agree(lambda: load_data(data_cfg))
 
 
-# ------------------------------------------------------------------ rank-0 outputs
+# --------------------------------------------------------------------- training
 
-class RootOutputs:
-    """Every side effect that only rank 0 performs: MLflow, checkpoints, progress.
+def train(cfg: DictConfig, dist: Dist) -> float:
+    """Train as configured; returns the objective (validation accuracy if there is a split, else test)."""
+    run_dir, t = Path(HydraConfig.get().runtime.output_dir), cfg.trainer
+    dist.pin_blas_threads()
+    # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
+    dist.agree(lambda: validate(cfg, dist.size))
+    model, data, sampler, opt, lr_at = build(cfg, dist)
+    # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
+    # without reshaping the schedule (so a run stopped and resumed matches one that was not).
+    last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
+    step = StepBuffer(model, t.get("micro_batch"))
+    pos, resumed_from = resume(cfg, dist, model, opt, run_dir) if t.resume else (Position(), None)
+    start_identical(model, opt, dist)
+    out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
+    dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
+    batch_of, fault = Batches(cfg, data, dist), faults.from_env(dist.rank)
 
-    Built on every rank; on the others each method is a no-op, so the training
-    loop has no ``if rank == 0`` in it.
-    """
-
-    def __init__(self, cfg: DictConfig, dist: Dist, run_dir: Path):
-        self.enabled, self.cfg, self.run_dir = dist.is_root, cfg, run_dir
-        self.tracker = make_tracker(cfg.tracking, run_dir, dist.is_root)
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.bar = None
-
-    def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None,
-              history: list | None = None) -> None:
-        """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
-        its test split feeds the confusion matrix, activation maps and misclassified examples.
-        ``history`` is the training loop's list of per-epoch metrics (resumed ones included),
-        which the learning curves draw."""
-        if not self.enabled:
-            return
-        self.data, self.history = data, history if history is not None else []
-        log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
-                 self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
-                 self.cfg.trainer.batch_size, model.summary())
-        if not self.tracker.enabled:
-            return
-        tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
-                "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
-                "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
-        commit = _git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        if resumed_from:
-            tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
-            tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
-        name = self.cfg.tracking.get("run_name") or f"{self.cfg.model.name}-{self.cfg.data.name}-{dist.size}r"
-        self.tracker.start(run_name=name, tags=tags)
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        self.tracker.log_params({**flatten(container), "world_size": dist.size, "num_params": model.num_params})
-        self.tracker.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
-        if resumed_from and resumed_from.get("mlflow_run_id"):
-            # The run the checkpoint came from was cut short (killed or pre-empted).
-            mark_run(self.cfg.tracking.get("uri"), resumed_from["mlflow_run_id"], "FAILED",
-                     {"dpcnn.resumed_by": self.tracker.run_id})
-        if data is not None and self.cfg.tracking.get("datasets", True):
-            self._log_datasets(data)
-        if self.cfg.tracking.get("system_metrics", False):
-            self.tracker.start_system_metrics(float(self.cfg.tracking.get("system_metrics_interval", 10)))
-
-    def _log_datasets(self, data) -> None:
-        """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
-        from .data import find_files
-
-        try:
-            found, _ = find_files(data.spec, self.cfg.data.get("root"))
-            source = str(found["train_images"].resolve().parent) if "train_images" in found else None
-            splits = [("train", data.train, "training"), ("val", data.val, "validation"),
-                      ("test", data.test, "testing")]
-            self.tracker.log_inputs([dataset_input(f"{data.spec.name}-{part}", x, y, source, context)
-                                     for part, xy, context in splits if xy is not None for x, y in [xy]])
-        except Exception as e:  # noqa: BLE001 - a record of the data is not worth a failed run
-            log.warning("could not log the datasets to MLflow: %s: %s", type(e).__name__, e)
-
-    def _model_spec(self, model: Model) -> dict:
-        from .serving import model_spec
-
-        spec, normalize = self.data.spec, bool(self.cfg.data.get("normalize", True))
-        return model_spec(OmegaConf.to_container(self.cfg.model.layers, resolve=True), model.input_shape,
-                          spec.num_classes, mean=spec.mean if normalize else 0.0, std=spec.std if normalize else 1.0,
-                          dataset=spec.name, dtype=str(model.dtype), num_params=model.num_params)
-
-    def _log_results(self, model: Model) -> None:
-        """Rank 0, end of a finished run: test-set plots, per-class table, and the servable model."""
-        tcfg, (x, y) = self.cfg.tracking, self.data.test
-        spec, t0 = self._model_spec(model), time.perf_counter()
-        if tcfg.get("plots", True):
-            try:
-                from . import viz
-
-                report = viz.render_report(
-                    model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
-                    class_names=spec["class_names"], activation_images=int(tcfg.get("activation_images", 4)),
-                    probs=model.predict_proba(x, batch_size=self.cfg.trainer.eval_batch_size))
-                self.tracker.log_artifacts(self.run_dir / "plots", "plots")
-                self.tracker.log_table(report["table"], "per_class_metrics.json")
-                log.info("plots of the test set drawn in %s (%.1f s)", self.run_dir / "plots",
-                         time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - pictures are not worth failing a finished run
-                log.warning("drawing the plots failed (%s: %s); the run is otherwise complete", type(e).__name__, e)
-        if tcfg.get("log_model", True):
-            from .serving import log_pyfunc
-
-            params = model.params.copy()
-            example = np.clip(x[:2] * np.float32(spec["std"]) + np.float32(spec["mean"]), 0, 1).astype(np.float32)
-            step = int(self.history[-1].get("step", 0)) if self.history else 0
-            tracker, register_as = self.tracker, tcfg.get("register_as") or None
-            self.tracker.call(lambda: log_pyfunc(tracker.run_id, tracker.experiment_id, params, spec, example,
-                                                 registered_model_name=register_as, step=step,
-                                                 tracking_uri=tracker.uri), "log_model")
-
-    @property
-    def run_id(self):
-        return self.tracker.run_id
-
-    def epoch_bar(self, epoch: int, total: int, start: int) -> None:
-        if self.enabled and self.cfg.trainer.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
-                            unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
-
-    def step(self, step: int, loss: float, acc: float, img_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1%}", img_s=f"{img_s:,.0f}", refresh=False)
-        if step % self.cfg.trainer.log_every == 0:
-            self.tracker.log_metrics({"train_loss_step": loss}, step)
-
-    def epoch(self, metrics: dict, step: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s | "
-                 "allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"], 100 * metrics["train_acc"],
-                 metrics["test_loss"], 100 * metrics["test_acc"],
-                 f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
-                 f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
-
-    def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
-        """Write the checkpoint; returns an error message instead of raising (the caller shares it)."""
-        if not (self.enabled and self.cfg.trainer.checkpoint):
-            return None
-        meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
-                "config": OmegaConf.to_yaml(self.cfg, resolve=True), "mlflow_run_id": self.run_id,
-                "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
-        try:
-            checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
-                            keep_last=self.cfg.trainer.keep_last)
-        except DpcnnError as e:
-            return str(e)
-        return None
-
-    def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if summary:
-            self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
-        # Plots and the model only for a finished run: a KILLED job (a signal) should exit
-        # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
-        if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
-            self._log_results(model)
-        if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
-            self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
-        # An unreachable server is waited for (tracking.flush_timeout), unless a signal says stop.
-        self.tracker.end(status, interrupted=lambda: bool(_signal_received))
-
-
-def _git_commit() -> str | None:
+    status, summary, stop = "FAILED", {}, False
+    started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        while pos.epoch < t.epochs and pos.step < last_step:
+            out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
+            stats = EpochStats()
+            for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
+                t0 = time.perf_counter()
+                with reported_as_step_error(step, dist.rank, pos.step):
+                    if fault:
+                        fault.maybe_fire(dist.rank, pos.step, stop_requested)
+                    step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))
+                step.request_stop(stop_requested())
+                t1 = time.perf_counter()
+                step.reduce(dist)  # the step's one collective: mean gradient + metrics + flags
+                t2 = time.perf_counter()
+                raise_if_failed(step, pos, cfg.optimizer.lr, run_dir)
+                opt.step(step.grad, lr_at(pos.step))
+                pos.step, pos.batch = pos.step + 1, k + 1
+                stop = stop or step.stop  # a signal on any rank stops all of them here
+                stats.add(gsize, step.loss, step.correct, time.perf_counter() - t0, t2 - t1)
+                out.step(pos.step, step.loss, step.correct / gsize, stats.img_per_s)
+                if stop or pos.step >= last_step:
+                    break
+                if t.get("checkpoint_every") and pos.step % t.checkpoint_every == 0:
+                    save_or_raise(out, model, opt, pos, dist)
+            if pos.batch == sampler.num_batches:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+            if stats.seen:
+                summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
+            check_in_sync(model, dist)
+            save_or_raise(out, model, opt, pos, dist)
+            if stop:
+                status = "KILLED"
+                log.warning("stopped by signal at step %d; checkpoint written. Resume with trainer.resume=auto "
+                            "hydra.run.dir=%s", pos.step, run_dir)
+                raise SystemExit(143)
+        status = "FINISHED"
+    finally:
+        out.finish(status, model, summary)
+    objective = "val_acc" if data.val is not None else "test_acc"
+    return float(summary.get(objective, float("nan")))
+
+
+def build(cfg: DictConfig, dist: Dist):
+    """The model, the data, the sampler, the optimizer and the LR schedule, the same on every rank."""
+    t = cfg.trainer
+    model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
+                                                 num_classes=cfg.data.num_classes, seed=cfg.seed,
+                                                 dtype=np.dtype(t.dtype), init=cfg.model.get("init", "fan_in_uniform")))
+    data = load_on_all_ranks(cfg, dist)
+    if model.input_shape != data.train[0].shape[1:]:
+        raise ConfigError(f"model input {model.input_shape} does not match the data's {data.train[0].shape[1:]}")
+    sampler = EpochSampler(len(data.train[0]), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
+    lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
+    opt = dist.agree(lambda: make_optimizer(model.params, cfg.optimizer))
+    return model, data, sampler, opt, lr_at
+
+
+class Batches:
+    """``batches(epoch, k, global_size, idx)``: this rank's (x, y) of global batch k, augmented if configured."""
+
+    def __init__(self, cfg: DictConfig, data, dist: Dist):
+        self.x, self.y = data.train
+        self.background, self.seed, self.rank, self.size = data.background, cfg.seed, dist.rank, dist.size
+        augment = cfg.data.get("augment") or {}
+        self.max_shift = int(augment.get("max_shift", 2)) if augment.get("enabled") else None
+
+    def __call__(self, epoch: int, k: int, global_size: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.x[idx], self.y[idx]
+        if self.max_shift is not None:
+            # Offsets are drawn for the whole global batch, then sharded: the same at every world size.
+            shifts = shift_offsets(self.seed, epoch, k, global_size, self.max_shift)
+            x = random_shift(x, EpochSampler.shard(shifts, self.rank, self.size), self.background)
+        return x, y
+
+
+@contextlib.contextmanager
+def reported_as_step_error(step: StepBuffer, rank: int, at: int):
+    """Clear the step's slots; an exception inside is printed and flagged in the ERROR slot, so every
+    rank learns of it at the step's reduction and all stop together instead of hanging."""
+    step.clear_slots()
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - reported here, then every rank stops together
+        step.fail(rank, at)
+
+
+def raise_if_failed(step: StepBuffer, pos: Position, lr: float, run_dir: Path) -> None:
+    """After the reduction: a failed rank, or a loss/gradient that is no longer finite, stops every rank."""
+    if step.error:
+        raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
+                         f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
+    if not (math.isfinite(step.loss) and np.isfinite(step.grad.sum())):
+        raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
+                       f"{step.loss}; lower optimizer.lr (now {lr}), e.g. optimizer.lr={lr / 10:g}")
+
+
+def end_epoch(model: Model, data, dist: Dist, out: RootOutputs, pos: Position, stats, started: float,
+              eval_batch_size: int) -> dict:
+    """Evaluate, append the epoch's metrics to the history, report them; returns the summary metrics."""
+    metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
+               **stats.metrics(),
+               **evaluate_splits(model, data, dist, eval_batch_size),
+               "elapsed_s": time.perf_counter() - started,  # wall time of training so far
+               "peak_rss_mb": max(dist.allgather(_peak_rss_mb()))}  # the largest rank
+    pos.history.append(metrics)
+    out.epoch(metrics, pos.step)
+    return {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
 
 
 # -------------------------------------------------------------------- evaluation
@@ -301,140 +249,6 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size:
         sums[1] += (logits.argmax(1) == y[idx]).sum()
     dist.allreduce_sum_(sums)
     return sums[0] / len(x), sums[1] / len(x)
-
-
-# --------------------------------------------------------------------- training
-
-def micro_slices(start: int, length: int, micro: int) -> list[slice]:
-    """A shard's micro-batches, as slices of the shard. The shard is global positions
-    [start, start + length) of its batch; it is cut at the multiples of ``micro``, so where
-    shards are whole micro-batches every world size computes the very same micro-batches.
-    Summed and reduced in float64 (nearly exact, so the order of the additions no longer
-    matters), they make the trajectory the same at every world size (README)."""
-    cuts = [start, *range((start // micro + 1) * micro, start + length, micro), start + length]
-    return [slice(a - start, b - start) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
-def train(cfg: DictConfig, dist: Dist) -> float:
-    """Train as configured; returns the objective (validation accuracy if there is a split, else test)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    t = cfg.trainer
-    dist.pin_blas_threads()
-    dtype = np.dtype(t.dtype) if t.dtype in ("float32", "float64") else None
-
-    # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
-    dist.agree(lambda: validate(cfg, dist.size))
-    model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
-                                                  num_classes=cfg.data.num_classes, seed=cfg.seed, dtype=dtype,
-                                                  init=cfg.model.get("init", "fan_in_uniform")))
-    data = load_on_all_ranks(cfg, dist)
-    x_train, y_train = data.train
-    if model.input_shape != x_train.shape[1:]:
-        raise ConfigError(f"model input {model.input_shape} does not match the data's {x_train.shape[1:]}")
-    sampler = EpochSampler(len(x_train), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
-    # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
-    # without reshaping the schedule (so a run stopped and resumed matches one that was not).
-    lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
-    last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
-    opt = dist.agree(lambda: make_optimizer(model.params, cfg.optimizer))
-
-    # The step buffer: the gradients, then the LOSS, CORRECT, STOP and ERROR slots. With
-    # micro-batches it is float64 and sums the micro-batches' gradients (see micro_slices).
-    n, micro = model.num_params, t.get("micro_batch")
-    buf = np.zeros(n + 4, np.float64 if micro else model.dtype)
-    grad = np.zeros(n, model.dtype) if micro else buf[:n]  # the optimizer's (reduced) gradient
-    model.bind_grads(grad)
-    pos, resumed_from = Position(), None
-    if t.resume:
-        pos, resumed_from = resume(cfg, dist, model, opt, run_dir)
-    dist.broadcast_(model.params)  # the ranks start identical whatever their seeds
-    for arr in opt.state().values():
-        dist.broadcast_(arr)
-
-    fault = _fault_injection(dist.rank)
-    out = RootOutputs(cfg, dist, run_dir)
-    dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
-    augment = cfg.data.get("augment") or {}
-
-    def shard_gradient(k: int, gsize: int, idx: np.ndarray) -> None:
-        """This rank's part of step k: gradient of (its loss sum / global batch) into buf."""
-        try:
-            if fault and fault[0] == pos.step:
-                _inject(fault[1], dist.rank, pos.step)
-            x, y = x_train[idx], y_train[idx]
-            if augment.get("enabled"):
-                shifts = shift_offsets(cfg.seed, pos.epoch, k, gsize, int(augment.get("max_shift", 2)))
-                x = random_shift(x, EpochSampler.shard(shifts, dist.rank, dist.size), data.background)
-            if not micro:
-                buf[n + LOSS], buf[n + CORRECT] = model.loss_and_grads(x, y, denom=gsize)
-                return
-            buf[:n] = 0
-            for part in micro_slices(EpochSampler.shard_start(gsize, dist.rank, dist.size), len(idx), micro):
-                loss, correct = model.loss_and_grads(x[part], y[part], denom=gsize)
-                buf[:n] += grad
-                buf[n + LOSS] += loss
-                buf[n + CORRECT] += correct
-        except Exception:  # noqa: BLE001 - reported here, then every rank stops together
-            print(f"dpcnn: rank {dist.rank} failed at step {pos.step}:\n{traceback.format_exc()}",
-                  file=sys.stderr, flush=True)
-            buf[n + ERROR] = 1
-
-    status, summary, stop = "FAILED", {}, False
-    started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
-    try:
-        while pos.epoch < t.epochs and pos.step < last_step:
-            out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
-            stats = EpochStats()
-            for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
-                t0 = time.perf_counter()
-                buf[n:] = 0
-                shard_gradient(k, gsize, idx)
-                buf[n + STOP] = bool(_signal_received)
-                t1 = time.perf_counter()
-                dist.allreduce_sum_(buf)  # the step's one collective: mean gradient + metrics + flags
-                t2 = time.perf_counter()
-                if buf[n + ERROR]:
-                    raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
-                                     f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
-                step_loss, step_correct = float(buf[n + LOSS]), int(buf[n + CORRECT])
-                if micro:
-                    grad[...] = buf[:n]
-                if not (math.isfinite(step_loss) and np.isfinite(grad.sum())):
-                    raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
-                                   f"{step_loss}; lower optimizer.lr (now {cfg.optimizer.lr}), e.g. "
-                                   f"optimizer.lr={cfg.optimizer.lr / 10:g}")
-                opt.step(grad, lr_at(pos.step))
-                pos.step, pos.batch = pos.step + 1, k + 1
-                stop = stop or bool(buf[n + STOP])  # a signal on any rank stops all of them here
-                stats.add(gsize, step_loss, step_correct, time.perf_counter() - t0, t2 - t1)
-                out.step(pos.step, step_loss, step_correct / gsize, stats.img_per_s)
-                if stop or pos.step >= last_step:
-                    break
-                if t.get("checkpoint_every") and pos.step % t.checkpoint_every == 0:
-                    save_or_raise(out, model, opt, pos, dist)
-            if pos.batch == sampler.num_batches:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-            if stats.seen:
-                metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
-                           **stats.metrics(),
-                           **evaluate_splits(model, data, dist, t.eval_batch_size),
-                           "elapsed_s": time.perf_counter() - started,  # wall time of training so far
-                           "peak_rss_mb": max(dist.allgather(_peak_rss_mb()))}  # the largest rank
-                pos.history.append(metrics)
-                out.epoch(metrics, pos.step)
-                summary = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
-            check_in_sync(model, dist)
-            save_or_raise(out, model, opt, pos, dist)
-            if stop:
-                status = "KILLED"
-                log.warning("stopped by signal at step %d; checkpoint written. Resume with trainer.resume=auto "
-                            "hydra.run.dir=%s", pos.step, run_dir)
-                raise SystemExit(143)
-        status = "FINISHED"
-    finally:
-        out.finish(status, model, summary)
-    objective = "val_acc" if data.val is not None else "test_acc"
-    return float(summary.get(objective, float("nan")))
 
 
 @dataclass
@@ -472,74 +286,9 @@ def evaluate_splits(model: Model, data, dist: Dist, batch_size: int) -> dict:
     return out
 
 
-def save_or_raise(out: RootOutputs, model: Model, opt, pos: Position, dist: Dist) -> None:
-    """Rank 0 writes the checkpoint; a failure there stops every rank with its message."""
-    error = dist.bcast(out.save(model, opt.state(), pos))
-    if error:
-        raise DpcnnError(error)
-
-
-def check_in_sync(model: Model, dist: Dist) -> None:
-    """Ranks must hold bitwise-identical parameters; verify with one small allgather."""
-    digests = dist.allgather(hashlib.blake2b(model.params.tobytes(), digest_size=16).hexdigest())
-    if len(set(digests)) != 1:
-        raise DpcnnError("ranks' parameters differ (non-deterministic reduction?); please report this with "
-                         "your MPI library and world size")
-
-
-def resume(cfg, dist, model, opt, run_dir: Path) -> tuple[Position, dict]:
-    """Load a checkpoint on rank 0 and share it; returns the position to continue from."""
-    path = Path(str(cfg.trainer.resume))
-    if str(cfg.trainer.resume) == "auto":
-        path = run_dir / "checkpoints" / checkpoint.LAST
-
-    def read():
-        if not dist.is_root:
-            return None
-        if str(cfg.trainer.resume) == "auto" and not path.exists():
-            return {}
-        ckpt = checkpoint.load(path)
-        if ckpt.params.shape != model.params.shape:
-            raise ConfigError(f"{path}: checkpoint has {ckpt.params.size:,} parameters, the model "
-                              f"{model.num_params:,}; resume with the model config it was trained with")
-        model.params[:] = ckpt.params
-        opt.load_state(ckpt.optimizer)
-        return ckpt.meta
-
-    meta = dist.bcast(dist.agree(read))
-    if not meta:
-        return Position(), None
-    log.info("resuming from %s at step %d (epoch %d, batch %d)", path, meta["step"], meta["epoch"] + 1, meta["batch"])
-    pos = Position(epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], history=meta.get("history", []))
-    return pos, {"path": str(path), "step": meta["step"], "mlflow_run_id": meta.get("mlflow_run_id")}
-
-
 def _peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _fault_injection(rank: int) -> tuple[int, str] | None:
-    """DPCNN_FAULT="rank=R,step=S[,action=raise|stall]": what rank R does at step S (for failure tests).
-
-    ``raise`` (the default) fails the step; ``stall`` holds the rank there until a signal arrives,
-    so a test can signal or kill a job at a known step instead of racing a fast run.
-    """
-    spec = os.environ.get("DPCNN_FAULT")
-    if not spec:
-        return None
-    kv = dict(part.split("=") for part in spec.split(","))
-    if kv.get("action", "raise") not in ("raise", "stall"):
-        raise DpcnnError(f"DPCNN_FAULT={spec!r}: action must be raise or stall")
-    return (int(kv["step"]), kv.get("action", "raise")) if int(kv.get("rank", 0)) == rank else None
-
-
-def _inject(action: str, rank: int, step: int, stall_limit_s: float = 600.0) -> None:
-    if action == "raise":
-        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
-    end = time.monotonic() + stall_limit_s
-    while not _signal_received and time.monotonic() < end:
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ entry points

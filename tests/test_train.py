@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from dpcnn import checkpoint
 from dpcnn.model import Model
-from dpcnn.train import micro_slices
+from dpcnn.step import micro_slices
 
 from conftest import REPO, check_ok, needs_data, run_train, train_env
 

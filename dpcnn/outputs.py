@@ -1,0 +1,200 @@
+"""Every side effect that only rank 0 performs: MLflow, checkpoints, the progress bar, the epoch line.
+
+`RootOutputs` is built on every rank; on the others each method is a no-op, so
+the training loop has no ``if rank == 0`` in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, checkpoint
+from .data import find_files
+from .dist import Dist
+from .errors import DpcnnError
+from .model import Model
+from .resume import Position
+from .tracking import dataset_input, flatten, make_tracker, mark_run
+
+log = logging.getLogger("dpcnn")
+
+
+class RootOutputs:
+    """Every side effect that only rank 0 performs: MLflow, checkpoints, progress.
+
+    Built on every rank; on the others each method is a no-op, so the training
+    loop has no ``if rank == 0`` in it.
+    """
+
+    def __init__(self, cfg: DictConfig, dist: Dist, run_dir: Path, interrupted: Callable[[], bool] = lambda: False):
+        """``interrupted()`` says whether a stop signal arrived (then the end does not wait for a server)."""
+        self.enabled, self.cfg, self.run_dir, self.interrupted = dist.is_root, cfg, run_dir, interrupted
+        self.tracker = make_tracker(cfg.tracking, run_dir, dist.is_root)
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.bar = None
+
+    def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None,
+              history: list | None = None) -> None:
+        """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
+        its test split feeds the confusion matrix, activation maps and misclassified examples.
+        ``history`` is the training loop's list of per-epoch metrics (resumed ones included),
+        which the learning curves draw."""
+        if not self.enabled:
+            return
+        self.data, self.history = data, history if history is not None else []
+        log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
+                 self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
+                 self.cfg.trainer.batch_size, model.summary())
+        if not self.tracker.enabled:
+            return
+        tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
+                "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
+                "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
+        commit = _git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if resumed_from:
+            tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
+            tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
+        name = self.cfg.tracking.get("run_name") or f"{self.cfg.model.name}-{self.cfg.data.name}-{dist.size}r"
+        self.tracker.start(run_name=name, tags=tags)
+        container = OmegaConf.to_container(self.cfg, resolve=True)
+        self.tracker.log_params({**flatten(container), "world_size": dist.size, "num_params": model.num_params})
+        self.tracker.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+        if resumed_from and resumed_from.get("mlflow_run_id"):
+            # The run the checkpoint came from was cut short (killed or pre-empted).
+            mark_run(self.cfg.tracking.get("uri"), resumed_from["mlflow_run_id"], "FAILED",
+                     {"dpcnn.resumed_by": self.tracker.run_id})
+        if data is not None and self.cfg.tracking.get("datasets", True):
+            self._log_datasets(data)
+        if self.cfg.tracking.get("system_metrics", False):
+            self.tracker.start_system_metrics(float(self.cfg.tracking.get("system_metrics_interval", 10)))
+
+    def _log_datasets(self, data) -> None:
+        """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
+        try:
+            found, _ = find_files(data.spec, self.cfg.data.get("root"))
+            source = str(found["train_images"].resolve().parent) if "train_images" in found else None
+            splits = [("train", data.train, "training"), ("val", data.val, "validation"),
+                      ("test", data.test, "testing")]
+            self.tracker.log_inputs([dataset_input(f"{data.spec.name}-{part}", x, y, source, context)
+                                     for part, xy, context in splits if xy is not None for x, y in [xy]])
+        except Exception as e:  # noqa: BLE001 - a record of the data is not worth a failed run
+            log.warning("could not log the datasets to MLflow: %s: %s", type(e).__name__, e)
+
+    def _model_spec(self, model: Model) -> dict:
+        from .serving import spec_from_config  # imports mlflow.pyfunc: only rank 0, only at the end
+
+        spec = spec_from_config(OmegaConf.to_container(self.cfg, resolve=True), num_params=model.num_params)
+        if tuple(spec["input_shape"]) != tuple(model.input_shape):
+            raise DpcnnError(f"model input {model.input_shape} differs from the config's {spec['input_shape']}")
+        return spec
+
+    def _log_results(self, model: Model) -> None:
+        """Rank 0, end of a finished run: test-set plots, per-class table, and the servable model."""
+        tcfg, (x, y) = self.cfg.tracking, self.data.test
+        spec, t0 = self._model_spec(model), time.perf_counter()
+        if tcfg.get("plots", True):
+            try:
+                from . import viz
+
+                report = viz.render_report(
+                    model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
+                    class_names=spec["class_names"], activation_images=int(tcfg.get("activation_images", 4)),
+                    probs=model.predict_proba(x, batch_size=self.cfg.trainer.eval_batch_size))
+                self.tracker.log_artifacts(self.run_dir / "plots", "plots")
+                self.tracker.log_table(report["table"], "per_class_metrics.json")
+                log.info("plots of the test set drawn in %s (%.1f s)", self.run_dir / "plots",
+                         time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - pictures are not worth failing a finished run
+                log.warning("drawing the plots failed (%s: %s); the run is otherwise complete", type(e).__name__, e)
+        if tcfg.get("log_model", True):
+            from .serving import log_pyfunc
+
+            params = model.params.copy()
+            example = np.clip(x[:2] * np.float32(spec["std"]) + np.float32(spec["mean"]), 0, 1).astype(np.float32)
+            step = int(self.history[-1].get("step", 0)) if self.history else 0
+            tracker, register_as = self.tracker, tcfg.get("register_as") or None
+            self.tracker.call(lambda: log_pyfunc(tracker.run_id, tracker.experiment_id, params, spec, example,
+                                                 registered_model_name=register_as, step=step,
+                                                 tracking_uri=tracker.uri), "log_model")
+
+    @property
+    def run_id(self):
+        return self.tracker.run_id
+
+    def epoch_bar(self, epoch: int, total: int, start: int) -> None:
+        if self.enabled and self.cfg.trainer.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
+                            unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, loss: float, acc: float, img_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.1%}", img_s=f"{img_s:,.0f}", refresh=False)
+        if step % self.cfg.trainer.log_every == 0:
+            self.tracker.log_metrics({"train_loss_step": loss}, step)
+
+    def epoch(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s | "
+                 "allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"], 100 * metrics["train_acc"],
+                 metrics["test_loss"], 100 * metrics["test_acc"],
+                 f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
+                 f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+
+    def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
+        """Write the checkpoint; returns an error message instead of raising (the caller shares it)."""
+        if not (self.enabled and self.cfg.trainer.checkpoint):
+            return None
+        meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
+                "config": OmegaConf.to_yaml(self.cfg, resolve=True), "mlflow_run_id": self.run_id,
+                "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
+        try:
+            checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
+                            keep_last=self.cfg.trainer.keep_last)
+        except DpcnnError as e:
+            return str(e)
+        return None
+
+    def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if summary:
+            self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
+        # Plots and the model only for a finished run: a KILLED job (a signal) should exit
+        # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
+        if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
+            self._log_results(model)
+        if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
+            self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
+        # An unreachable server is waited for (tracking.flush_timeout), unless a signal says stop.
+        self.tracker.end(status, interrupted=self.interrupted)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,107 @@
+"""The step buffer: one flat array that carries a whole training step across the ranks.
+
+Layout: ``[gradients (num_params) | LOSS | CORRECT | STOP | ERROR]``. Each rank
+writes (sum of its shard's gradients) / (global batch size) into the front and
+its loss sum, correct count and flags into the slots; one in-place SUM
+Allreduce (`StepBuffer.reduce`) makes the front the global-batch mean gradient
+and the slots the global totals, on every rank. So a failure or a stop signal
+on any rank is known to all of them at the same step, with no extra collective.
+
+With ``micro_batch`` the buffer is float64 and sums the micro-batches'
+gradients (see `micro_slices`), which makes float32 runs bitwise identical at
+every world size; the optimizer then gets a separate gradient in the model's
+dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import numpy as np
+
+from .data import EpochSampler
+from .dist import Dist
+from .model import Model
+
+# Slots after the gradients, summed over ranks by the step's Allreduce.
+LOSS, CORRECT, STOP, ERROR = range(4)
+
+
+def micro_slices(start: int, length: int, micro: int) -> list[slice]:
+    """A shard's micro-batches, as slices of the shard. The shard is global positions
+    [start, start + length) of its batch; it is cut at the multiples of ``micro``, so where
+    shards are whole micro-batches every world size computes the very same micro-batches.
+    Summed and reduced in float64 (nearly exact, so the order of the additions no longer
+    matters), they make the trajectory the same at every world size (README)."""
+    cuts = [start, *range((start // micro + 1) * micro, start + length, micro), start + length]
+    return [slice(a - start, b - start) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+class StepBuffer:
+    """The gradient view, the metric and flag slots, and the step's one reduction."""
+
+    def __init__(self, model: Model, micro_batch: int | None = None):
+        n = self.n = model.num_params
+        self.micro = micro_batch
+        self.buf = np.zeros(n + 4, np.float64 if micro_batch else model.dtype)
+        # What the optimizer reads: the reduced buffer's front itself, or (micro-batches) a copy.
+        self.grad = np.zeros(n, model.dtype) if micro_batch else self.buf[:n]
+        model.bind_grads(self.grad)
+        self.model = model
+
+    def shard_gradient(self, x: np.ndarray, y: np.ndarray, global_batch: int, shard_start: int) -> None:
+        """This rank's part of the step: gradient of (its loss sum / global batch) into the buffer.
+
+        ``x`` (m, h, w, c), ``y`` (m,) is this rank's shard, starting at position
+        ``shard_start`` of the global batch of ``global_batch`` examples.
+        """
+        if not self.micro:
+            self.buf[self.n + LOSS], self.buf[self.n + CORRECT] = \
+                self.model.loss_and_grads(x, y, denom=global_batch)
+            return
+        self.buf[:self.n] = 0
+        for part in micro_slices(shard_start, len(x), self.micro):
+            loss, correct = self.model.loss_and_grads(x[part], y[part], denom=global_batch)
+            self.buf[:self.n] += self.grad
+            self.buf[self.n + LOSS] += loss
+            self.buf[self.n + CORRECT] += correct
+
+    def clear_slots(self) -> None:
+        """Zero the metric and flag slots before a step."""
+        self.buf[self.n:] = 0
+
+    def fail(self, rank: int, step: int) -> None:
+        """Report this rank's exception (call from ``except``); every rank learns it at `reduce`."""
+        print(f"dpcnn: rank {rank} failed at step {step}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        self.buf[self.n + ERROR] = 1
+
+    def request_stop(self, stop: bool) -> None:
+        self.buf[self.n + STOP] = bool(stop)
+
+    def reduce(self, dist: Dist) -> None:
+        """The step's one collective: mean gradient + metrics + flags, identical on every rank."""
+        dist.allreduce_sum_(self.buf)
+        if self.micro:
+            self.grad[...] = self.buf[:self.n]
+
+    @property
+    def loss(self) -> float:
+        return float(self.buf[self.n + LOSS])
+
+    @property
+    def correct(self) -> int:
+        return int(self.buf[self.n + CORRECT])
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.buf[self.n + STOP])
+
+    @property
+    def error(self) -> bool:
+        return bool(self.buf[self.n + ERROR])
+
+
+def shard_start(global_batch: int, dist: Dist) -> int:
+    """Where this rank's shard starts in a global batch."""
+    return EpochSampler.shard_start(global_batch, dist.rank, dist.size)
