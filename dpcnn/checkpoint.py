@@ -12,6 +12,7 @@ truncated or tampered file is an error, never silent garbage.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -44,40 +45,53 @@ class Checkpoint:
 
 
 def save(directory: str | Path, ckpt: Checkpoint, keep_last: int = 1) -> Path:
-    """Write ``step-<step>.npz`` and point ``last.npz`` at it, both atomically.
+    """Write ``last.npz`` and (``keep_last`` >= 1) ``step-<step>.npz``, each atomically.
 
-    Keeps the newest ``keep_last`` step files. Raises CheckpointError (the
-    previous checkpoint intact) if the directory cannot be written.
+    ``last.npz`` is a copy of its own, not a link to the step file, so damage to one
+    file leaves the other intact. Keeps the newest ``keep_last`` step files (0: none,
+    ``last.npz`` only). Raises CheckpointError (the previous checkpoint intact) if the
+    directory cannot be written. Returns the path written last.
     """
     directory = Path(directory)
     arrays = {"params": ckpt.params, **{f"opt.{k}": v for k, v in ckpt.optimizer.items()}}
     meta = {**ckpt.meta, "format": FORMAT_VERSION, "digests": {k: _digest(v) for k, v in arrays.items()}}
-    target = directory / f"step-{ckpt.step:08d}.npz"
-    tmp = None
+    blob = io.BytesIO()
+    np.savez(blob, meta=np.array(json.dumps(meta)), **arrays)
+    targets = ([directory / f"step-{ckpt.step:08d}.npz"] if keep_last > 0 else []) + [directory / LAST]
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".npz", delete=False) as f:
+        for target in targets:
+            _write_atomically(target, blob.getbuffer())
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint in {directory}: {e.strerror or e}; free disk space or point "
+                              f"hydra.run.dir at a writable directory (the previous checkpoint is intact)") from None
+    steps = list_steps(directory)
+    for old in steps[:len(steps) - keep_last] if keep_last > 0 else steps:
+        old.unlink(missing_ok=True)
+    return targets[-1]
+
+
+def _write_atomically(target: Path, data) -> None:
+    """Write to a temporary file beside ``target``, fsync, rename over it: never a half-written file."""
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", suffix=".npz", delete=False) as f:
             tmp = Path(f.name)
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        # last.npz: a hard link to the newest step file, swapped in atomically.
-        link_tmp = directory / f".tmp-last-{os.getpid()}.npz"
-        link_tmp.unlink(missing_ok=True)
-        try:
-            os.link(target, link_tmp)
-        except OSError:  # filesystems without hard links
-            link_tmp.write_bytes(target.read_bytes())
-        os.replace(link_tmp, directory / LAST)
-    except OSError as e:
+    finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint in {directory}: {e.strerror or e}; free disk space or point "
-                              f"hydra.run.dir at a writable directory (the previous checkpoint is intact)") from None
-    for old in list_steps(directory)[:-max(keep_last, 1)]:
-        old.unlink(missing_ok=True)
-    return target
+
+
+def fallbacks(path: Path) -> str:
+    """Advice naming the other good checkpoints beside ``path``, if there are any."""
+    others = [p.name for p in list_steps(path.parent) if p != path][::-1]
+    if others:
+        return f"resume from another checkpoint beside it ({', '.join(others[:3])}) or start a fresh run"
+    return "there is no other checkpoint beside it: start a fresh run"
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -85,7 +99,7 @@ def load(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         path = path / LAST
-    fix = "resume from another checkpoint (checkpoints/step-*.npz) or start a fresh run"
+    fix = fallbacks(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there; check trainer.resume")
     try:

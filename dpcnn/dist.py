@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -90,7 +91,7 @@ class Dist:
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj) if self.size > 1 else [obj]
 
-    def agree(self, fn, catch: type[BaseException] = errors.DpcnnError, raise_as=None):
+    def agree(self, fn, catch: type[BaseException] = Exception, raise_as=None):
         """Run ``fn`` on every rank; if it raises ``catch`` on any rank, raise it on all of them.
 
         Every rank reaches the allgather, so a bad config or a missing file ends the
@@ -101,24 +102,31 @@ class Dist:
         try:
             result, err = fn(), None
         except catch as e:
-            result, err = None, (type(e).__name__, str(e))
+            result, err = None, _describe(e, self.rank, raise_as)
         failed = [e for e in self.allgather(err) if e]
         if failed:
             raise _rebuild(*failed[0], raise_as)
         return result
 
-    def from_root(self, fn, catch: type[BaseException] = errors.DpcnnError, raise_as=None):
+    def from_root(self, fn, catch: type[BaseException] = Exception, raise_as=None):
         """``fn()`` on rank 0 only; its result, or its error (rebuilt as in `agree`), on every rank."""
         msg = None
         if self.is_root:
             try:
                 msg = (None, fn())
             except catch as e:
-                msg = ((type(e).__name__, str(e)), None)
+                msg = (_describe(e, self.rank, raise_as), None)
         err, result = self.bcast(msg)
         if err:
             raise _rebuild(*err, raise_as)
         return result
+
+    def wait_all(self) -> None:
+        """A barrier that sleeps while it waits: ranks done early must not steal a working rank's core."""
+        if self.size > 1:
+            req = self.comm.Ibarrier()
+            while not req.Test():
+                time.sleep(0.005)
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -139,6 +147,15 @@ class Dist:
 
     def __repr__(self) -> str:
         return f"Dist(rank={self.rank}, size={self.size}, local={self.local_size}, polite_wait={self.polite_wait})"
+
+
+def _describe(e: BaseException, rank: int, raise_as=None) -> tuple[str, str]:
+    """(type name, message) of an error to share. Without ``raise_as`` an error that is not a
+    `DpcnnError` is a bug: its traceback is printed here and the message names the rank."""
+    if isinstance(e, errors.DpcnnError) or raise_as is not None:
+        return type(e).__name__, str(e)
+    traceback.print_exc()
+    return type(e).__name__, f"rank {rank} failed: {type(e).__name__}: {e} (traceback above)"
 
 
 def _rebuild(kind: str, message: str, raise_as=None) -> BaseException:

@@ -91,7 +91,9 @@ class RootOutputs:
             log.warning("could not log the datasets to MLflow: %s: %s", type(e).__name__, e)
 
     def _model_spec(self, model: Model) -> dict:
-        from .serving import spec_from_config  # imports mlflow.pyfunc: only rank 0, only at the end
+        from .serving import (
+            spec_from_config,  # imports mlflow.pyfunc: only rank 0, only at the end
+        )
 
         spec = spec_from_config(OmegaConf.to_container(self.cfg, resolve=True), num_params=model.num_params)
         if tuple(spec["input_shape"]) != tuple(model.input_shape):
@@ -160,10 +162,11 @@ class RootOutputs:
                  f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
 
-    def save(self, model: Model, opt_state: dict, pos: Position) -> str | None:
-        """Write the checkpoint; returns an error message instead of raising (the caller shares it)."""
+    def save(self, model: Model, opt_state: dict, pos: Position) -> tuple[str | None, bool]:
+        """Write the checkpoint; returns (error message or None, whether one was written) instead of
+        raising (the caller shares it with every rank)."""
         if not (self.enabled and self.cfg.trainer.checkpoint):
-            return None
+            return None, False
         meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True), "mlflow_run_id": self.run_id,
                 "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
@@ -171,8 +174,8 @@ class RootOutputs:
             checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
                             keep_last=self.cfg.trainer.keep_last)
         except DpcnnError as e:
-            return str(e)
-        return None
+            return str(e), False
+        return None, True
 
     def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
         if not self.enabled:

@@ -8,10 +8,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from . import checkpoint
 from .dist import Dist
 from .errors import ConfigError, DpcnnError
 from .model import Model
+
+#: What fixes the order of the data and the meaning of (epoch, batch): a resume that changes one of
+#: them would skip or repeat images, so it is an error unless trainer.resume_strict=false.
+POSITION_KEYS = ("trainer.batch_size", "trainer.drop_last", "seed", "data.name", "data.train_subset",
+                 "data.val_fraction", "data.val_seed")
 
 log = logging.getLogger("dpcnn")
 
@@ -24,21 +31,31 @@ class Position:
     batch: int = 0          # next global batch within the epoch
     step: int = 0           # optimizer steps taken
     history: list = field(default_factory=list)  # per-epoch metrics
+    saved_step: int | None = None  # the step of the newest checkpoint on disk (known to every rank)
 
 
 def save_or_raise(out, model: Model, opt, pos: Position, dist: Dist) -> None:
     """Rank 0 writes the checkpoint (``out`` is the `RootOutputs`); a failure there stops every
     rank with its message."""
-    error = dist.bcast(out.save(model, opt.state(), pos))
+    error, saved = dist.bcast(out.save(model, opt.state(), pos))
     if error:
         raise DpcnnError(error)
+    if saved:
+        pos.saved_step = pos.step
 
 
-def start_identical(model: Model, opt, dist: Dist) -> None:
-    """Every rank takes rank 0's parameters and optimizer state, whatever its seed or checkpoint."""
-    dist.broadcast_(model.params)
-    for arr in opt.state().values():
-        dist.broadcast_(arr)
+def position_changes(meta: dict, cfg) -> list[str]:
+    """``key: checkpoint value -> new value`` for every `POSITION_KEYS` entry that differs."""
+    try:
+        old = OmegaConf.create(meta.get("config") or "{}")
+    except Exception:  # noqa: BLE001 - a checkpoint without a readable config cannot be compared
+        return []
+    changes = []
+    for key in POSITION_KEYS:
+        before, now = OmegaConf.select(old, key, default=None), OmegaConf.select(cfg, key, default=None)
+        if before != now:
+            changes.append(f"{key}={before} (now {now})")
+    return changes
 
 
 def check_in_sync(model: Model, dist: Dist) -> None:
@@ -50,7 +67,17 @@ def check_in_sync(model: Model, dist: Dist) -> None:
 
 
 def resume(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position, dict | None]:
-    """Load a checkpoint on rank 0 and share it; returns the position to continue from."""
+    """Every rank continues from rank 0's state: the checkpoint of ``trainer.resume`` if there is one,
+    else rank 0's fresh weights. Returns the position and what it resumed from (or None)."""
+    pos, resumed_from = _load(cfg, dist, model, opt, run_dir) if cfg.trainer.resume else (Position(), None)
+    dist.broadcast_(model.params)
+    for arr in opt.state().values():
+        dist.broadcast_(arr)
+    return pos, resumed_from
+
+
+def _load(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position, dict | None]:
+    """Load a checkpoint on rank 0 and share its metadata; returns the position to continue from."""
     path = Path(str(cfg.trainer.resume))
     if str(cfg.trainer.resume) == "auto":
         path = run_dir / "checkpoints" / checkpoint.LAST
@@ -64,13 +91,24 @@ def resume(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position,
         if ckpt.params.shape != model.params.shape:
             raise ConfigError(f"{path}: checkpoint has {ckpt.params.size:,} parameters, the model "
                               f"{model.num_params:,}; resume with the model config it was trained with")
+        changed = position_changes(ckpt.meta, cfg)
+        if changed and cfg.trainer.resume_strict:
+            raise ConfigError(f"{path} was trained with {', '.join(changed)}: resuming would skip or repeat images; "
+                              "resume with the checkpoint's values, or set trainer.resume_strict=false to "
+                              "restart the interrupted epoch with the new ones")
         model.params[:] = ckpt.params
         opt.load_state(ckpt.optimizer)
-        return ckpt.meta
+        return {**ckpt.meta, "changed": changed}
 
     meta = dist.bcast(dist.agree(read))
     if not meta:
         return Position(), None
     log.info("resuming from %s at step %d (epoch %d, batch %d)", path, meta["step"], meta["epoch"] + 1, meta["batch"])
-    pos = Position(epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], history=meta.get("history", []))
+    pos = Position(epoch=meta["epoch"], batch=meta["batch"], step=meta["step"], history=meta.get("history", []),
+                   saved_step=meta["step"])
+    if meta["changed"] and pos.batch:
+        log.warning("trainer.resume_strict=false and %s: epoch %d starts again from its first image (its first "
+                    "%d batches are trained again with the new order)", ", ".join(meta["changed"]), pos.epoch + 1,
+                    pos.batch)
+        pos.batch = 0
     return pos, {"path": str(path), "step": meta["step"], "mlflow_run_id": meta.get("mlflow_run_id")}

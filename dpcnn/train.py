@@ -14,28 +14,30 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from . import faults, sweep
+from . import config, faults, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
-from .errors import ConfigError, DpcnnError
+from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError
+from .metrics import EpochStats, end_epoch
 from .model import Model
 from .optim import make_optimizer, make_schedule
 from .outputs import RootOutputs
-from .resume import Position, check_in_sync, resume, save_or_raise, start_identical
+from .resume import Position, check_in_sync, resume, save_or_raise
+from .rundir import RunDirLock
 from .step import StepBuffer, shard_start
 
 log = logging.getLogger("dpcnn")
@@ -48,10 +50,6 @@ def _conf_dir() -> str:
         if (candidate / "config.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"dpcnn's Hydra configs are missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
-
-
-class Diverged(DpcnnError):
-    """The loss or the gradients stopped being finite."""
 
 
 #: Set by SIGTERM/SIGINT on any rank; acted on at the next step boundary by all ranks together.
@@ -71,24 +69,7 @@ def stop_requested() -> bool:
 
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Checks that need no data and no model: fail in seconds, before any compute."""
-    t = cfg.trainer
-    if not (isinstance(t.epochs, int) and t.epochs >= 1):
-        raise ConfigError(f"trainer.epochs must be an integer >= 1, got {t.epochs}")
-    if t.max_steps is not None and not (isinstance(t.max_steps, int) and t.max_steps >= 1):
-        raise ConfigError(f"trainer.max_steps must be an integer >= 1 or null, got {t.max_steps}")
-    if not (isinstance(t.batch_size, int) and t.batch_size >= 1):
-        raise ConfigError(f"trainer.batch_size must be a positive integer, got {t.batch_size}")
-    if t.batch_size < world_size:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
-                          f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
-    lr = cfg.optimizer.lr
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"optimizer.lr must be a positive number, got {lr}; e.g. optimizer.lr=0.05")
-    micro = t.get("micro_batch")
-    if micro is not None and not (isinstance(micro, int) and micro >= 1):
-        raise ConfigError(f"trainer.micro_batch must be a positive integer or null, got {micro}")
-    if t.dtype not in ("float32", "float64"):
-        raise ConfigError(f"trainer.dtype must be float32 or float64, got {t.dtype}")
+    config.validate(cfg, world_size)
     get_spec(cfg.data)  # unknown dataset name
 
 
@@ -114,74 +95,127 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     dist.pin_blas_threads()
     # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
     dist.agree(lambda: validate(cfg, dist.size))
-    model, data, sampler, opt, lr_at = build(cfg, dist)
-    # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
-    # without reshaping the schedule (so a run stopped and resumed matches one that was not).
-    last_step = min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
-    step = StepBuffer(model, t.get("micro_batch"))
-    pos, resumed_from = resume(cfg, dist, model, opt, run_dir) if t.resume else (Position(), None)
-    start_identical(model, opt, dist)
-    out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
-    dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
-    batch_of, fault = Batches(cfg, data, dist), faults.from_env(dist.rank)
+    with owned_by_this_job(run_dir, dist):
+        model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
+        step = StepBuffer(model, t.micro_batch)
+        pos, resumed_from = resume(cfg, dist, model, opt, run_dir)  # rank 0's weights (or checkpoint) everywhere
+        if pos.step >= last_step:
+            return nothing_to_train(pos, last_step, data, dist)
+        out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
+        dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        batch_of, fault = Batches(cfg, data, dist), faults.from_env(dist.rank)
 
-    status, summary, stop = "FAILED", {}, False
-    started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
+        status, summary, stop = "FAILED", {}, False
+        started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
+        try:
+            while pos.epoch < t.epochs and pos.step < last_step:
+                out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
+                stats = EpochStats()
+                for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
+                    t0 = time.perf_counter()
+                    with reported_as_step_error(step, dist.rank, pos.step):
+                        if fault:
+                            fault.maybe_fire(dist.rank, pos.step, stop_requested)
+                        step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))
+                    step.request_stop(stop_requested())
+                    t1 = time.perf_counter()
+                    step.reduce(dist)  # the step's one collective: mean gradient + metrics + flags
+                    t2 = time.perf_counter()
+                    raise_if_failed(step, pos, cfg, run_dir)
+                    opt.step(step.grad, lr_at(pos.step))
+                    pos.step, pos.batch = pos.step + 1, k + 1
+                    stop = stop or step.stop  # a signal on any rank stops all of them here
+                    stats.add(gsize, step.loss, step.correct, time.perf_counter() - t0, t2 - t1)
+                    out.step(pos.step, step.loss, step.correct / gsize, stats.img_per_s)
+                    if stop or pos.step >= last_step:
+                        break
+                    if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
+                        save_or_raise(out, model, opt, pos, dist)
+                if pos.batch == sampler.num_batches:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                if stats.seen:
+                    summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
+                check_in_sync(model, dist)
+                save_or_raise(out, model, opt, pos, dist)
+                if stop:
+                    status = "KILLED"
+                    log.warning("stopped by signal at step %d; %s", pos.step, resume_advice(pos, cfg, run_dir))
+                    raise SystemExit(EXIT_SIGNAL)
+            status = "FINISHED"
+        finally:
+            out.finish(status, model, summary)
+    return objective(summary, data)
+
+
+def objective(summary: dict, data) -> float:
+    """What a run (or a sweep trial) returns: validation accuracy when there is a validation split,
+    else test accuracy (`dpcnn.sweep.objective_name` names the same metric from the config)."""
+    return float(summary.get("val_acc" if data.val is not None else "test_acc", float("nan")))
+
+
+def nothing_to_train(pos: Position, last_step: int, data, dist: Dist) -> float:
+    """A resume of a run whose budget is spent: no new MLflow run; the recorded objective."""
+    if dist.is_root:
+        log.warning("nothing to train: the checkpoint is at step %d of %d; raise trainer.epochs or "
+                    "trainer.max_steps to train further", pos.step, last_step)
+    return objective(pos.history[-1] if pos.history else {}, data)
+
+
+@contextlib.contextmanager
+def owned_by_this_job(run_dir: Path, dist: Dist):
+    """Rank 0 holds the run directory's lock (dpcnn.rundir) for the whole run; a second job stops."""
+    lock = RunDirLock(run_dir)
+    dist.agree(lambda: dist.is_root and lock.acquire())
     try:
-        while pos.epoch < t.epochs and pos.step < last_step:
-            out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
-            stats = EpochStats()
-            for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
-                t0 = time.perf_counter()
-                with reported_as_step_error(step, dist.rank, pos.step):
-                    if fault:
-                        fault.maybe_fire(dist.rank, pos.step, stop_requested)
-                    step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))
-                step.request_stop(stop_requested())
-                t1 = time.perf_counter()
-                step.reduce(dist)  # the step's one collective: mean gradient + metrics + flags
-                t2 = time.perf_counter()
-                raise_if_failed(step, pos, cfg.optimizer.lr, run_dir)
-                opt.step(step.grad, lr_at(pos.step))
-                pos.step, pos.batch = pos.step + 1, k + 1
-                stop = stop or step.stop  # a signal on any rank stops all of them here
-                stats.add(gsize, step.loss, step.correct, time.perf_counter() - t0, t2 - t1)
-                out.step(pos.step, step.loss, step.correct / gsize, stats.img_per_s)
-                if stop or pos.step >= last_step:
-                    break
-                if t.get("checkpoint_every") and pos.step % t.checkpoint_every == 0:
-                    save_or_raise(out, model, opt, pos, dist)
-            if pos.batch == sampler.num_batches:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-            if stats.seen:
-                summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
-            check_in_sync(model, dist)
-            save_or_raise(out, model, opt, pos, dist)
-            if stop:
-                status = "KILLED"
-                log.warning("stopped by signal at step %d; checkpoint written. Resume with trainer.resume=auto "
-                            "hydra.run.dir=%s", pos.step, run_dir)
-                raise SystemExit(143)
-        status = "FINISHED"
+        yield
     finally:
-        out.finish(status, model, summary)
-    objective = "val_acc" if data.val is not None else "test_acc"
-    return float(summary.get(objective, float("nan")))
+        lock.release()
 
 
 def build(cfg: DictConfig, dist: Dist):
-    """The model, the data, the sampler, the optimizer and the LR schedule, the same on every rank."""
+    """The model, the data, the sampler, the optimizer, the LR schedule and the last step, on every rank."""
     t = cfg.trainer
     model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
                                                  num_classes=cfg.data.num_classes, seed=cfg.seed,
-                                                 dtype=np.dtype(t.dtype), init=cfg.model.get("init", "fan_in_uniform")))
+                                                 dtype=np.dtype(t.dtype), init=cfg.model.init))
     data = load_on_all_ranks(cfg, dist)
     if model.input_shape != data.train[0].shape[1:]:
         raise ConfigError(f"model input {model.input_shape} does not match the data's {data.train[0].shape[1:]}")
     sampler = EpochSampler(len(data.train[0]), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
+    check_budget(cfg, data, sampler, dist)
     lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
     opt = dist.agree(lambda: make_optimizer(model.params, cfg.optimizer))
-    return model, data, sampler, opt, lr_at
+    # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
+    # without reshaping the schedule (so a run stopped and resumed matches one that was not).
+    return model, data, sampler, opt, lr_at, min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
+
+
+def check_budget(cfg: DictConfig, data, sampler: EpochSampler, dist: Dist) -> None:
+    """A run that would train nothing is an error; a batch or subset larger than the data, a warning."""
+    n, t, subset = sampler.n, cfg.trainer, cfg.data.train_subset
+    if sampler.num_batches == 0:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} with trainer.drop_last=true leaves no whole batch of "
+                          f"the {n:,} training examples: nothing would train; use trainer.batch_size<={n} or "
+                          "trainer.drop_last=false")
+    if not dist.is_root:
+        return
+    available = n + (len(data.val[0]) if data.val is not None else 0)
+    if subset is not None and subset > available:
+        log.warning("data.train_subset=%d is more than the %s training examples there are: using all %s",
+                    subset, f"{available:,}", f"{available:,}")
+    if t.batch_size > n:
+        log.warning("trainer.batch_size=%d is more than the %s training examples: each epoch is one batch of %s",
+                    t.batch_size, f"{n:,}", f"{n:,}")
+
+
+def resume_advice(pos: Position, cfg: DictConfig, run_dir: Path) -> str:
+    """What to do next, true to what is on disk: a checkpoint to resume from, or none."""
+    if pos.saved_step is not None:
+        return (f"the checkpoint of step {pos.saved_step} is intact; resume with trainer.resume=auto "
+                f"hydra.run.dir={run_dir}")
+    if not cfg.trainer.checkpoint:
+        return "no checkpoint was written (trainer.checkpoint=false): a new run starts from step 0"
+    return "no checkpoint was written yet: a new run starts from step 0"
 
 
 class Batches:
@@ -213,82 +247,15 @@ def reported_as_step_error(step: StepBuffer, rank: int, at: int):
         step.fail(rank, at)
 
 
-def raise_if_failed(step: StepBuffer, pos: Position, lr: float, run_dir: Path) -> None:
+def raise_if_failed(step: StepBuffer, pos: Position, cfg: DictConfig, run_dir: Path) -> None:
     """After the reduction: a failed rank, or a loss/gradient that is no longer finite, stops every rank."""
+    lr = cfg.optimizer.lr
     if step.error:
-        raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); the last "
-                         f"checkpoint is intact, resume with trainer.resume=auto hydra.run.dir={run_dir}")
+        raise DpcnnError(f"a rank failed at step {pos.step} (see its error above); "
+                         f"{resume_advice(pos, cfg, run_dir)}")
     if not (math.isfinite(step.loss) and np.isfinite(step.grad.sum())):
         raise Diverged(f"training diverged at step {pos.step}, epoch {pos.epoch + 1}: loss is "
                        f"{step.loss}; lower optimizer.lr (now {lr}), e.g. optimizer.lr={lr / 10:g}")
-
-
-def end_epoch(model: Model, data, dist: Dist, out: RootOutputs, pos: Position, stats, started: float,
-              eval_batch_size: int) -> dict:
-    """Evaluate, append the epoch's metrics to the history, report them; returns the summary metrics."""
-    metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
-               **stats.metrics(),
-               **evaluate_splits(model, data, dist, eval_batch_size),
-               "elapsed_s": time.perf_counter() - started,  # wall time of training so far
-               "peak_rss_mb": max(dist.allgather(_peak_rss_mb()))}  # the largest rank
-    pos.history.append(metrics)
-    out.epoch(metrics, pos.step)
-    return {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
-
-
-# -------------------------------------------------------------------- evaluation
-
-def evaluate(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over all of (x, y): each rank scores a slice, sums are allreduced."""
-    mine = EpochSampler.shard(np.arange(len(x)), dist.rank, dist.size)
-    sums = np.zeros(2, np.float64)  # loss sum, correct
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i:i + batch_size]
-        logits = model.forward(x[idx], train=False)
-        sums[0] += model.loss.forward(logits, y[idx], denom=1)
-        sums[1] += (logits.argmax(1) == y[idx]).sum()
-    dist.allreduce_sum_(sums)
-    return sums[0] / len(x), sums[1] / len(x)
-
-
-@dataclass
-class EpochStats:
-    """Running totals of one epoch's steps (global figures: every rank has the same)."""
-
-    seen: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    step_time: float = 0.0
-    comm_time: float = 0.0
-
-    def add(self, batch: int, mean_loss: float, correct: int, step_time: float, comm_time: float) -> None:
-        self.seen += batch
-        self.loss_sum += mean_loss * batch
-        self.correct += correct
-        self.step_time += step_time
-        self.comm_time += comm_time
-
-    @property
-    def img_per_s(self) -> float:
-        return self.seen / self.step_time if self.step_time else 0.0
-
-    def metrics(self) -> dict:
-        return {"train_loss": self.loss_sum / self.seen, "train_acc": self.correct / self.seen,
-                "img_per_s": self.img_per_s, "allreduce_frac": self.comm_time / self.step_time,
-                "step_time_s": self.step_time}
-
-
-def evaluate_splits(model: Model, data, dist: Dist, batch_size: int) -> dict:
-    """test (and, with a validation split, val) loss and accuracy."""
-    out = dict(zip(("test_loss", "test_acc"), evaluate(model, *data.test, dist, batch_size)))
-    if data.val is not None:
-        out.update(zip(("val_loss", "val_acc"), evaluate(model, *data.val, dist, batch_size)))
-    return out
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------ entry points
@@ -308,15 +275,20 @@ def _hydra_entry(cfg: DictConfig) -> float:
         # Every rank got here together (agreed errors, or flags reduced with the step).
         print(f"dpcnn: error: {e}", file=sys.stderr, flush=True)
         if not multirun:
-            sys.exit(1)
+            sys.exit(e.exit_code)
         sweep.note_failure(e)
         objective = float("nan")  # this trial failed (FAILED in MLflow and Optuna); the sweep goes on
-    except SystemExit:
+    except SystemExit as e:
+        if e.code == EXIT_SIGNAL:  # an agreed stop: every rank is here while rank 0 ends the run as KILLED
+            dist.wait_all()
         raise
     except BaseException:  # noqa: BLE001 - a bug or an error on this rank only: no rank may hang
         traceback.print_exc()
         print(f"dpcnn: rank {dist.rank} crashed; aborting all ranks", file=sys.stderr, flush=True)
         dist.abort(1)
+    # Rank 0 may still be ending the run (plots, the model, a tracking flush): the others wait here with
+    # their signal handlers in place, so a SIGTERM now cannot kill a finished rank and tear rank 0 down.
+    dist.wait_all()
     # The value the sweeper sees: allreduced by training, verified identical on every rank.
     return sweep.end_trial(objective, dist) if multirun else objective
 
@@ -339,10 +311,20 @@ def main() -> None:
     # stop at the first step boundary, not a dead rank.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    if os.environ.get("HYDRA_FULL_ERROR") is None:
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    if full_error is None:
         logging.captureWarnings(True)
     _share_run_stamp()
-    _hydra_entry()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors to us instead of printing them
+    try:
+        _hydra_entry()
+    except (HydraException, OmegaConfBaseException, DpcnnError) as e:
+        if full_error:
+            raise
+        # A key that does not exist, a value of the wrong type, a missing group option, a sweep
+        # error: Hydra's message (with its suggestion) as one line, the same on every rank.
+        print(f"dpcnn: error: {config.one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", EXIT_USAGE))
 
 
 if __name__ == "__main__":

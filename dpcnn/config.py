@@ -1,0 +1,198 @@
+"""The typed configuration: one dataclass per config group, registered with Hydra.
+
+Hydra merges `conf/` into these schemas while it composes, so a value of the
+wrong type (``optimizer.momentum=abc``) or a key that does not exist
+(``trainer.foo=1``) is an error before any rank computes; `validate` then
+checks the ranges. The defaults of every key live here; the YAML files in
+`conf/` choose among them and document them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConf:
+    name: str = "small"
+    init: str = "fan_in_uniform"        # or he_normal (dpcnn.model.Model.init)
+    layers: List[Dict[str, Any]] = field(default_factory=list)
+    input_shape: Optional[List[int]] = None  # null: the data's (28, 28, 1)
+
+
+@dataclass
+class OptimizerConf:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"          # constant | step | cosine
+    warmup_steps: int = 0
+    step_epochs: int = 10
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class AugmentConf:
+    enabled: bool = False
+    max_shift: int = 2
+
+
+@dataclass
+class DataConf:
+    name: str = "mnist"
+    root: Optional[str] = None
+    train_subset: Optional[int] = None
+    val_fraction: float = 0.0
+    val_seed: int = 0
+    verify_checksum: bool = False
+    download: bool = True
+    normalize: bool = True
+    augment: AugmentConf = field(default_factory=AugmentConf)
+    num_classes: int = 10
+    # Registry overrides (dpcnn.data.get_spec): null keeps the registered value.
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    files: Optional[Dict[str, str]] = None
+    md5: Optional[Dict[str, str]] = None
+    raw_md5: Optional[Dict[str, str]] = None
+    mirrors: Optional[List[str]] = None
+
+
+@dataclass
+class TrainerConf:
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    drop_last: bool = False
+    dtype: str = "float32"
+    eval_batch_size: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    checkpoint: bool = True
+    keep_last: int = 1
+    resume: Optional[str] = None
+    resume_strict: bool = True
+    checkpoint_every: Optional[int] = None
+    micro_batch: Optional[int] = None
+
+
+@dataclass
+class TrackingConf:
+    backend: str = "mlflow"
+    uri: Optional[str] = None
+    experiment: str = "dpcnn"
+    run_name: Optional[str] = None
+    datasets: bool = True
+    plots: bool = True
+    activation_images: int = 4
+    log_model: bool = True
+    register_as: Optional[str] = None
+    system_metrics: bool = False
+    system_metrics_interval: float = 10.0
+    retry_interval: float = 5.0
+    flush_timeout: float = 60.0
+
+
+@dataclass
+class Config:
+    model: ModelConf = field(default_factory=ModelConf)
+    optimizer: OptimizerConf = field(default_factory=OptimizerConf)
+    data: DataConf = field(default_factory=DataConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="dpcnn_schema", node=Config, provider="dpcnn")
+
+_CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
+            "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
+# key: (lowest allowed, whether the bound is inclusive, may it be null, example)
+_RANGES = {
+    "trainer.epochs": (1, True, False, 10), "trainer.max_steps": (1, True, True, 100),
+    "trainer.batch_size": (1, True, False, 64), "trainer.eval_batch_size": (1, True, False, 1000),
+    "trainer.log_every": (1, True, False, 10), "trainer.keep_last": (0, True, False, 1),
+    "trainer.checkpoint_every": (1, True, True, 500), "trainer.micro_batch": (1, True, True, 16),
+    "optimizer.lr": (0, False, False, 0.05), "optimizer.momentum": (0, True, False, 0.9),
+    "optimizer.weight_decay": (0, True, False, 5e-4), "optimizer.warmup_steps": (0, True, False, 100),
+    "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),
+    "optimizer.min_lr": (0, True, False, 0.0), "data.train_subset": (1, True, True, 1000),
+    "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
+    "tracking.activation_images": (0, True, False, 4), "tracking.system_metrics_interval": (0, False, False, 10),
+    "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
+}
+_BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
+
+
+def unknown_key_hint(message: str) -> str | None:
+    """For OmegaConf's "Key 'foo' not in 'TrainerConf'": the keys that do exist there."""
+    m = re.search(r"Key '([^']+)' not in '(\w+)'", message)
+    schema = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf,
+                                      TrackingConf, Config)}.get(m.group(2)) if m else None
+    if schema is None:
+        return None
+    return f"valid keys there: {', '.join(f.name for f in fields(schema))}"
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message and its cause's, on one line: Hydra's suggestions kept, OmegaConf's
+    key/type trailer and Hydra's search path dropped, a list of options joined with commas."""
+    text = "\n".join([str(e)] + ([str(e.__cause__)] if e.__cause__ and str(e.__cause__) not in str(e) else []))
+    text = text.split("Config search path:")[0].replace("Set the environment variable HYDRA_FULL_ERROR=1 "
+                                                         "for a complete stack trace.", "")
+    parts: list[str] = []
+    for ln in text.splitlines():
+        if ln.strip().startswith(("full_key:", "object_type", "reference_type")) or not ln.strip():
+            continue
+        if ln[0].isspace() and parts:  # an indented option list: one comma-separated clause
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + ln.strip()
+        else:
+            parts.append(ln.strip().rstrip("."))
+    unknown = unknown_key_hint(str(e.__cause__ or e))
+    if unknown:  # a structured config accepts no new keys: "+key=" would fail too
+        parts = [p for p in parts if not p.startswith("To append to your config")] + [unknown]
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Range checks the types cannot express: fail in seconds, before any data or compute.
+
+    Every problem is one `ConfigError` naming the key, the value and a valid example.
+    """
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {_get(cfg, key)!r}; "
+                              f"e.g. {key}={choices[0]}")
+    for key, (low, inclusive, nullable, example) in _RANGES.items():
+        value = _get(cfg, key)
+        if value is None and nullable:
+            continue
+        ok = value is not None and math.isfinite(value) and (value >= low if inclusive else value > low)
+        if key in _BELOW_ONE:
+            ok = ok and value < 1
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key in _BELOW_ONE else "")
+            raise ConfigError(f"{key} must be {bound}{' or null' if nullable else ''}, got {value}; "
+                              f"e.g. {key}={example}")
+    t = cfg.trainer
+    if t.batch_size < world_size:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
+                          f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
