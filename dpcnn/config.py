@@ -115,6 +115,7 @@ class Config:
 
 
 ConfigStore.instance().store(name="dpcnn_schema", node=Config, provider="dpcnn")
+_SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf, TrackingConf)}
 
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
             "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
@@ -138,8 +139,7 @@ _BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
 def unknown_key_hint(message: str) -> str | None:
     """For OmegaConf's "Key 'foo' not in 'TrainerConf'": the keys that do exist there."""
     m = re.search(r"Key '([^']+)' not in '(\w+)'", message)
-    schema = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf,
-                                      TrackingConf, Config)}.get(m.group(2)) if m else None
+    schema = {**_SCHEMAS, "Config": Config}.get(m.group(2)) if m else None
     if schema is None:
         return None
     return f"valid keys there: {', '.join(f.name for f in fields(schema))}"
@@ -165,6 +165,18 @@ def one_line(e: BaseException) -> str:
     return "; ".join(dict.fromkeys(parts))
 
 
+def _no_unknown_keys(cfg: DictConfig, schema: type = Config, prefix: str = "") -> None:
+    """Keys the schema does not have (Hydra lets ``+key=value`` add them even to a typed config)."""
+    names = {f.name: f.type for f in fields(schema)}
+    for key in cfg.keys():
+        if key not in names:
+            hint = unknown_key_hint(f"Key '{key}' not in '{schema.__name__}'")
+            raise ConfigError(f"{prefix}{key} is not a dpcnn setting ({hint}); remove it from the command line")
+        sub = _SCHEMAS.get(str(names[key]).split(".")[-1].strip("'>"))
+        if sub is not None and isinstance(cfg[key], DictConfig):
+            _no_unknown_keys(cfg[key], sub, f"{prefix}{key}.")
+
+
 def _get(cfg: DictConfig, key: str):
     node = cfg
     for part in key.split("."):
@@ -177,6 +189,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
 
     Every problem is one `ConfigError` naming the key, the value and a valid example.
     """
+    _no_unknown_keys(cfg)
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {_get(cfg, key)!r}; "

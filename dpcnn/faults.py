@@ -1,9 +1,15 @@
-"""The ``DPCNN_FAULT`` hook the failure tests use to make a rank misbehave at a known step.
+"""The ``DPCNN_FAULT`` hook the failure tests use to make a rank misbehave at a known point.
 
-``DPCNN_FAULT="rank=R,step=S[,action=raise|stall]"``: ``raise`` (the default)
-fails rank R's step S; ``stall`` holds rank R there until a signal arrives, so
-a test can signal or kill a job at a known step instead of racing a fast run.
-Unset (the normal case), it costs one comparison per step.
+``DPCNN_FAULT="rank=R,step=S[,action=raise|stall][,phase=step|eval|end]"``:
+rank R does ``action`` in ``phase`` once training has taken S steps:
+
+- ``step`` (the default): inside the gradient computation of step S;
+- ``eval``: in the first end-of-epoch evaluation at or after step S (outside the step);
+- ``end``: in rank 0's end phase (plots, model, flush), after training finished.
+
+``raise`` (the default) raises an exception; ``stall`` holds the rank until a
+signal arrives, so a test can signal or kill a job at a known point instead of
+racing a fast run. Unset (the normal case), a check costs one dictionary look-up.
 """
 
 from __future__ import annotations
@@ -17,30 +23,51 @@ from .errors import DpcnnError
 
 ENV = "DPCNN_FAULT"
 ACTIONS = ("raise", "stall")
+PHASES = ("step", "eval", "end")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Fault:
+    rank: int
     step: int
     action: str = "raise"
+    phase: str = "step"
+    fired: bool = False
 
-    def maybe_fire(self, rank: int, step: int, interrupted: Callable[[], bool], stall_limit_s: float = 600.0) -> None:
-        """Do the fault if this is its step: raise, or wait until ``interrupted()`` (or the limit)."""
-        if step != self.step:
-            return
+    def fire(self, rank: int, interrupted: Callable[[], bool], stall_limit_s: float = 600.0) -> None:
+        """Raise, or wait until ``interrupted()`` (or the limit)."""
+        self.fired = True
         if self.action == "raise":
-            raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+            raise RuntimeError(f"injected fault on rank {rank} at step {self.step} ({self.phase})")
         end = time.monotonic() + stall_limit_s
         while not interrupted() and time.monotonic() < end:
             time.sleep(0.01)
 
 
-def from_env(rank: int) -> Fault | None:
-    """This rank's fault from ``DPCNN_FAULT``, or None."""
+def parse(spec: str) -> Fault:
+    """A ``DPCNN_FAULT`` value as a `Fault`; a malformed one is a DpcnnError naming the format."""
+    try:
+        kv = dict(part.split("=", 1) for part in spec.split(","))
+        fault = Fault(int(kv.get("rank", 0)), int(kv["step"]), kv.get("action", "raise"), kv.get("phase", "step"))
+    except (KeyError, ValueError):
+        fault = None
+    if fault is None or fault.action not in ACTIONS or fault.phase not in PHASES:
+        raise DpcnnError(f"{ENV}={spec!r}: expected rank=R,step=S[,action=raise|stall][,phase=step|eval|end]")
+    return fault
+
+
+_cache: dict[str, Fault | None] = {}
+
+
+def check(phase: str, rank: int, step: int, interrupted: Callable[[], bool] = lambda: False) -> None:
+    """Fire this rank's fault if it is set for ``phase`` and training has reached its step."""
     spec = os.environ.get(ENV)
     if not spec:
-        return None
-    kv = dict(part.split("=") for part in spec.split(","))
-    if kv.get("action", "raise") not in ACTIONS:
-        raise DpcnnError(f"{ENV}={spec!r}: action must be raise or stall")
-    return Fault(int(kv["step"]), kv.get("action", "raise")) if int(kv.get("rank", 0)) == rank else None
+        return
+    if spec not in _cache:
+        _cache[spec] = parse(spec)
+    fault = _cache[spec]
+    if fault.rank != rank or fault.phase != phase or fault.fired:
+        return
+    if step == fault.step or (phase != "step" and step >= fault.step):
+        fault.fire(rank, interrupted)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import faults
 from .data import EpochSampler
 from .dist import Dist
 from .model import Model
@@ -53,15 +54,20 @@ class EpochStats:
                 "step_time_s": self.step_time}
 
 
-def evaluate_splits(model: Model, data, dist: Dist, batch_size: int) -> dict:
+def evaluate_splits(model: Model, data, dist: Dist, batch_size: int, step: int = 0) -> dict:
     """test (and, with a validation split, val) loss and accuracy, and the largest rank's peak memory.
 
     Each rank scores its slice; an exception on any rank is agreed before the one reduction,
     so every rank raises it together (and rank 0 can mark the run FAILED) instead of hanging.
     """
     splits = {"test": data.test, **({"val": data.val} if data.val is not None else {})}
-    sums = dist.agree(lambda: np.concatenate([eval_sums(model, x, y, dist, batch_size) for x, y in splits.values()]
-                                             + [[_peak_rss_mb()]]), catch=Exception)
+
+    def local() -> np.ndarray:
+        faults.check("eval", dist.rank, step)
+        return np.concatenate([eval_sums(model, x, y, dist, batch_size) for x, y in splits.values()]
+                              + [[_peak_rss_mb()]])
+
+    sums = dist.agree(local)
     dist.allreduce_sum_(sums[:-1])
     out = {"peak_rss_mb": max(dist.allgather(float(sums[-1])))}
     for n, (name, (x, _)) in enumerate(splits.items()):
@@ -79,7 +85,7 @@ def end_epoch(model: Model, data, dist: Dist, out, pos: Position, stats, started
     """Evaluate, append the epoch's metrics to the history, report them; returns the summary metrics."""
     metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
                **stats.metrics(),
-               **evaluate_splits(model, data, dist, eval_batch_size),  # and peak_rss_mb: the largest rank's
+               **evaluate_splits(model, data, dist, eval_batch_size, pos.step),  # and peak_rss_mb: the largest rank's
                "elapsed_s": time.perf_counter() - started}  # wall time of training so far
     pos.history.append(metrics)
     out.epoch(metrics, pos.step)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, faults
 from .data import find_files
 from .dist import Dist
 from .errors import DpcnnError
@@ -64,24 +64,24 @@ class RootOutputs:
         if resumed_from:
             tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
             tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
-        name = self.cfg.tracking.get("run_name") or f"{self.cfg.model.name}-{self.cfg.data.name}-{dist.size}r"
+        name = self.cfg.tracking.run_name or f"{self.cfg.model.name}-{self.cfg.data.name}-{dist.size}r"
         self.tracker.start(run_name=name, tags=tags)
         container = OmegaConf.to_container(self.cfg, resolve=True)
         self.tracker.log_params({**flatten(container), "world_size": dist.size, "num_params": model.num_params})
         self.tracker.log_text(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
         if resumed_from and resumed_from.get("mlflow_run_id"):
             # The run the checkpoint came from was cut short (killed or pre-empted).
-            mark_run(self.cfg.tracking.get("uri"), resumed_from["mlflow_run_id"], "FAILED",
+            mark_run(self.cfg.tracking.uri, resumed_from["mlflow_run_id"], "FAILED",
                      {"dpcnn.resumed_by": self.tracker.run_id})
-        if data is not None and self.cfg.tracking.get("datasets", True):
+        if data is not None and self.cfg.tracking.datasets:
             self._log_datasets(data)
-        if self.cfg.tracking.get("system_metrics", False):
-            self.tracker.start_system_metrics(float(self.cfg.tracking.get("system_metrics_interval", 10)))
+        if self.cfg.tracking.system_metrics:
+            self.tracker.start_system_metrics(self.cfg.tracking.system_metrics_interval)
 
     def _log_datasets(self, data) -> None:
         """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
         try:
-            found, _ = find_files(data.spec, self.cfg.data.get("root"))
+            found, _ = find_files(data.spec, self.cfg.data.root)
             source = str(found["train_images"].resolve().parent) if "train_images" in found else None
             splits = [("train", data.train, "training"), ("val", data.val, "validation"),
                       ("test", data.test, "testing")]
@@ -104,13 +104,13 @@ class RootOutputs:
         """Rank 0, end of a finished run: test-set plots, per-class table, and the servable model."""
         tcfg, (x, y) = self.cfg.tracking, self.data.test
         spec, t0 = self._model_spec(model), time.perf_counter()
-        if tcfg.get("plots", True):
+        if tcfg.plots:
             try:
                 from . import viz
 
                 report = viz.render_report(
                     model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
-                    class_names=spec["class_names"], activation_images=int(tcfg.get("activation_images", 4)),
+                    class_names=spec["class_names"], activation_images=tcfg.activation_images,
                     probs=model.predict_proba(x, batch_size=self.cfg.trainer.eval_batch_size))
                 self.tracker.log_artifacts(self.run_dir / "plots", "plots")
                 self.tracker.log_table(report["table"], "per_class_metrics.json")
@@ -118,13 +118,13 @@ class RootOutputs:
                          time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - pictures are not worth failing a finished run
                 log.warning("drawing the plots failed (%s: %s); the run is otherwise complete", type(e).__name__, e)
-        if tcfg.get("log_model", True):
+        if tcfg.log_model:
             from .serving import log_pyfunc
 
             params = model.params.copy()
             example = np.clip(x[:2] * np.float32(spec["std"]) + np.float32(spec["mean"]), 0, 1).astype(np.float32)
             step = int(self.history[-1].get("step", 0)) if self.history else 0
-            tracker, register_as = self.tracker, tcfg.get("register_as") or None
+            tracker, register_as = self.tracker, tcfg.register_as or None
             self.tracker.call(lambda: log_pyfunc(tracker.run_id, tracker.experiment_id, params, spec, example,
                                                  registered_model_name=register_as, step=step,
                                                  tracking_uri=tracker.uri), "log_model")
@@ -186,6 +186,7 @@ class RootOutputs:
             self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
         # Plots and the model only for a finished run: a KILLED job (a signal) should exit
         # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
+        faults.check("end", 0, self.history[-1]["step"] if self.history else 0, self.interrupted)
         if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
             self._log_results(model)
         if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():

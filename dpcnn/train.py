@@ -103,7 +103,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             return nothing_to_train(pos, last_step, data, dist)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
         dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
-        batch_of, fault = Batches(cfg, data, dist), faults.from_env(dist.rank)
+        batch_of = Batches(cfg, data, dist)
 
         status, summary, stop = "FAILED", {}, False
         started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
@@ -114,8 +114,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
                     t0 = time.perf_counter()
                     with reported_as_step_error(step, dist.rank, pos.step):
-                        if fault:
-                            fault.maybe_fire(dist.rank, pos.step, stop_requested)
+                        faults.check("step", dist.rank, pos.step, stop_requested)
                         step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))
                     step.request_stop(stop_requested())
                     t1 = time.perf_counter()
@@ -139,7 +138,9 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 save_or_raise(out, model, opt, pos, dist)
                 if stop:
                     status = "KILLED"
-                    log.warning("stopped by signal at step %d; %s", pos.step, resume_advice(pos, cfg, run_dir))
+                    log.warning("stopped by signal at step %d; %s", pos.step, f"checkpoint written. Resume with "
+                                f"trainer.resume=auto hydra.run.dir={run_dir}" if pos.saved_step == pos.step
+                                else resume_advice(pos, cfg, run_dir))
                     raise SystemExit(EXIT_SIGNAL)
             status = "FINISHED"
         finally:
@@ -224,8 +225,7 @@ class Batches:
     def __init__(self, cfg: DictConfig, data, dist: Dist):
         self.x, self.y = data.train
         self.background, self.seed, self.rank, self.size = data.background, cfg.seed, dist.rank, dist.size
-        augment = cfg.data.get("augment") or {}
-        self.max_shift = int(augment.get("max_shift", 2)) if augment.get("enabled") else None
+        self.max_shift = cfg.data.augment.max_shift if cfg.data.augment.enabled else None
 
     def __call__(self, epoch: int, k: int, global_size: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.x[idx], self.y[idx]

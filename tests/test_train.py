@@ -118,10 +118,10 @@ def test_invalid_override_fails_on_every_rank_before_training(workdir):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optimizer.lr=-1", "optimizer.lr must be a positive number"),
+    ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
     ("trainer.batch_size=1", "trainer.batch_size=1 is the GLOBAL batch and is smaller than the 2 ranks"),
-    ("trainer.epochs=0", "trainer.epochs must be an integer >= 1"),
-    ("trainer.micro_batch=0", "trainer.micro_batch must be a positive integer or null"),
+    ("trainer.epochs=0", "trainer.epochs must be >= 1, got 0"),
+    ("trainer.micro_batch=0", "trainer.micro_batch must be >= 1 or null, got 0"),
     ("data.name=cifar", "unknown dataset 'cifar'"),
     ("model.layers.1.type=bogus", "unknown layer type 'bogus'"),
 ])
