@@ -13,6 +13,8 @@ its traceback. The exit code tells a supervisor (launch/local.sh
 ====  ==========================================================================
 """
 
+import sys
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGNAL = 143
@@ -46,3 +48,9 @@ class Diverged(DpcnnError):
     """The loss or the gradients stopped being finite: the same config would diverge again."""
 
     exit_code = EXIT_USAGE
+
+
+def report(message: str) -> None:
+    """``dpcnn: error: <message>`` on stderr in ONE write, so lines of different ranks never interleave."""
+    sys.stderr.write(f"dpcnn: error: {message}\n")
+    sys.stderr.flush()

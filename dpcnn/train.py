@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config, faults, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
-from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError
+from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .metrics import EpochStats, end_epoch
 from .model import Model
 from .optim import make_optimizer, make_schedule
@@ -273,7 +273,7 @@ def _hydra_entry(cfg: DictConfig) -> float:
         raise
     except DpcnnError as e:
         # Every rank got here together (agreed errors, or flags reduced with the step).
-        print(f"dpcnn: error: {e}", file=sys.stderr, flush=True)
+        report(str(e))
         if not multirun:
             sys.exit(e.exit_code)
         sweep.note_failure(e)
@@ -323,7 +323,7 @@ def main() -> None:
             raise
         # A key that does not exist, a value of the wrong type, a missing group option, a sweep
         # error: Hydra's message (with its suggestion) as one line, the same on every rank.
-        print(f"dpcnn: error: {config.one_line(e)}", file=sys.stderr, flush=True)
+        report(config.one_line(e))
         sys.exit(getattr(e, "exit_code", EXIT_USAGE))
 
 
