@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+import dpcnn.conv_kernels as ck
 import dpcnn.layers as L
 from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, _ConvReLU, _DenseReLU
 from dpcnn.model import Model
@@ -83,7 +84,7 @@ def test_folded_bias_through_model_views_matches_standalone_copy():
     inner.b[...] = RNG.standard_normal(3)
     alone = Conv2D(4, 3, 3, dtype=np.float64)
     alone.W[...], alone.b[...] = inner.W, inner.b
-    assert L._adjacent(inner.W, inner.b) and not L._adjacent(alone.W, alone.b)
+    assert ck.adjacent(inner.W, inner.b) and not ck.adjacent(alone.W, alone.b)
     x = RNG.standard_normal((2, 6, 6, 4))
     assert_passes_close(conv_pass(inner, x), conv_pass(alone, x))
 
@@ -95,13 +96,13 @@ def test_conv_input_grad_full_correlation_matches_col2im(k, padding):
     y = conv.forward(x)
     dy = RNG.standard_normal(y.shape)
     pads, (oh, ow) = conv.pads(8, 7), y.shape[1:3]
-    dyp, inner = conv._dy_padded(2, oh, ow, pads)
+    dyp, inner = ck.dy_padded(conv.W, 2, oh, ow, pads, conv.workspace)
     inner[...] = dy
-    dx_fc = conv._full_corr(dyp, x.shape)
-    dx_c2i = conv._col2im(dy.reshape(-1, 4), x.shape, pads, oh, ow)
+    dx_fc = ck.full_corr(dyp, conv.W, x.shape, conv.workspace, L._BLOCK_BYTES)
+    dx_c2i = ck.col2im(dy.reshape(-1, 4), conv.W, x.shape, 1, pads, oh, ow)
     np.testing.assert_allclose(dx_fc, dx_c2i, rtol=1e-12, atol=1e-12)
     # backward takes one of the two
-    expect = dx_fc if conv._full_corr_ok(pads, 8, 7, oh, ow) else dx_c2i
+    expect = dx_fc if ck.full_corr_ok(k, 1, pads, 8, 7, oh, ow) else dx_c2i
     np.testing.assert_array_equal(conv.backward(dy), expect)
 
 
@@ -114,7 +115,7 @@ def test_blocked_full_correlation_matches_col2im(monkeypatch, block_bytes):
     y = conv.forward(x)
     dy = RNG.standard_normal(y.shape)
     dx = conv.backward(dy)
-    expect = conv._col2im(dy.reshape(-1, 3), x.shape, conv.pads(6, 5), 6, 5)
+    expect = ck.col2im(dy.reshape(-1, 3), conv.W, x.shape, 1, conv.pads(6, 5), 6, 5)
     np.testing.assert_allclose(dx, expect, rtol=1e-12, atol=1e-12)
 
 
@@ -132,7 +133,7 @@ def test_col2im_runs_match_per_offset_scatter(k, stride, padding):
     for i in range(k):  # the reference: one += per kernel offset
         for j in range(k):
             dxp[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += dcols[:, :, :, i, j]
-    np.testing.assert_allclose(conv._col2im(dy.reshape(-1, 4), x.shape, pads, oh, ow),
+    np.testing.assert_allclose(ck.col2im(dy.reshape(-1, 4), conv.W, x.shape, stride, pads, oh, ow),
                                dxp[:, t:t + 11, l:l + 9], rtol=1e-12, atol=1e-12)
 
 
