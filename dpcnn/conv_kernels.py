@@ -8,19 +8,23 @@ matrix ``(K, c_out)``. ``pads`` is always (top, bottom, left, right).
 
 These functions keep no state. Their callers, `dpcnn.layers.Conv2D` and the
 Model's fused conv steps (`dpcnn.layers._ConvReLU`), pass in the geometry, the
-parameters, the switches of the fast paths and a `Workspace` of reused work
-arrays.
+parameters and a `Workspace` of reused work arrays. `TUNING` holds the switches and sizes of the
+fast paths; tests and benchmarks change them with ``TUNING.override(...)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 __all__ = [
+    "Tuning",
+    "TUNING",
     "Workspace",
     "gemm",
     "adjacent",
@@ -37,6 +41,54 @@ __all__ = [
     "full_corr",
     "col2im",
 ]
+
+
+@dataclass
+class Tuning:
+    """The switches and sizes of the fast paths, read at every call (so a change
+    applies to layers that already exist). All of them leave the numbers as
+    they are, up to the order of float sums; tests/test_fastpaths.py checks
+    each fast path against its general path by turning these.
+
+    - ``fold_bias``: fold the bias into the convolution GEMM, a column of ones
+      in the patches and the bias as the last row of the filter matrix. A
+      broadcast bias add over (m*oh*ow, c_out) runs its inner loop c_out
+      elements at a time and cost more than the whole first-layer GEMM; the
+      extra GEMM column costs ~nothing.
+    - ``one_channel_t``: one input channel, im2col into a transposed (K, n)
+      matrix, one copy per kernel offset (see `im2col`). False: the generic
+      (n, K) patch copy.
+    - ``block_bytes``: target size of one block of patch rows where a GEMM is
+      done block by block to stay in cache (about the L2 of one core).
+    - ``fused_block_bytes``: the same for the blocks of examples of the fused
+      conv steps (`dpcnn.layers._ConvReLU`).
+    - ``store_cols_bytes``: a fused conv step keeps its whole patch matrix for
+      backward when it is at most this big, else backward recomputes the
+      patches block by block.
+    """
+
+    fold_bias: bool = True
+    one_channel_t: bool = True
+    block_bytes: int = 1 << 20
+    fused_block_bytes: int = 3 << 20
+    store_cols_bytes: int = 6 << 20
+
+    @contextmanager
+    def override(self, **changes) -> Iterator[Tuning]:
+        """Set some fields inside a ``with`` block, restore them after it.
+
+        An unknown field name raises TypeError (from `dataclasses.replace`).
+        """
+        saved = replace(self)
+        vars(self).update(vars(replace(self, **changes)))
+        try:
+            yield self
+        finally:
+            vars(self).update(vars(saved))
+
+
+#: The one tuning every layer and fused step reads.
+TUNING = Tuning()
 
 
 class Workspace:

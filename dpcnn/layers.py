@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from . import conv_kernels as ck
-from .conv_kernels import Workspace
+from .conv_kernels import TUNING, Workspace
 
 __all__ = [
     "Layer",
@@ -77,30 +77,6 @@ class Layer:
 
     def __repr__(self) -> str:
         return type(self).__name__ + "()"
-
-
-#: Fold the bias into the convolution GEMM: a column of ones in the patches,
-#: the bias as the last row of the filter matrix. A broadcast bias add over
-#: (m*oh*ow, c_out) runs its inner loop c_out elements at a time and cost more
-#: than the whole first-layer GEMM; the extra GEMM column costs ~nothing.
-#: When W and b lie next to each other in one buffer (as `dpcnn.model.Model`
-#: lays them out) the (K + 1, c_out) matrix is a view, else a small copy.
-_FOLD_BIAS = True
-
-
-#: One input channel: im2col into a transposed (K, n) matrix, one copy per
-#: kernel offset (see `conv_kernels.im2col`). False: the generic (n, K) patch copy.
-_ONE_CHANNEL_T = True
-
-
-#: Target size of one block of patch rows where a GEMM is done block by block
-#: to stay in cache (about the L2 of one core).
-_BLOCK_BYTES = 1 << 20
-#: The same for the blocks of examples of the Model's fused conv steps (`_ConvReLU`).
-_FUSED_BLOCK_BYTES = 3 << 20
-#: A fused conv step keeps its whole patch matrix for backward when it is at most
-#: this big, else backward recomputes the patches block by block.
-_STORE_COLS_BYTES = 6 << 20
 
 
 class Conv2D(Layer):
@@ -187,13 +163,13 @@ class Conv2D(Layer):
 
     def _transposed_cols(self) -> bool:
         """Whether im2col builds the transposed (K, n) patch matrix (one input channel)."""
-        return self.in_channels == 1 and self.kernel_size > 1 and _ONE_CHANNEL_T
+        return self.in_channels == 1 and self.kernel_size > 1 and TUNING.one_channel_t
 
     # -- the layer interface -----------------------------------------------------
 
     def forward(self, x, train=True):
         m = x.shape[0]
-        fold = _FOLD_BIAS
+        fold = TUNING.fold_bias
         Wm = ck.filter_matrix(self.W, self.b, fold)
         xp, oh, ow = self.padded(x)
         A = self.patches(xp, oh, ow, fold=fold)
@@ -217,7 +193,7 @@ class Conv2D(Layer):
             # f*f strided slices back (col2im).
             dyp, interior = ck.dy_padded(self.W, m, oh, ow, pads, self.workspace)
             interior[...] = dy
-            return ck.full_corr(dyp, self.W, x_shape, self.workspace, _BLOCK_BYTES)
+            return ck.full_corr(dyp, self.W, x_shape, self.workspace, TUNING.block_bytes)
         return ck.col2im(dy2, self.W, x_shape, self.stride, pads, oh, ow)
 
     def __repr__(self):
@@ -448,14 +424,14 @@ class _ConvReLU:
       its patch matrix is still in cache, and only 1-byte masks are kept for
       backward (not the conv output). Backward recomputes each block's patches
       (a cheap copy) instead of reading back a multi-megabyte patch matrix,
-      unless the whole matrix is small (`_STORE_COLS_BYTES`). A block is about
-      `_FUSED_BLOCK_BYTES` of patch and output rows: a loop of a few iterations
-      for cache blocking, not a loop over examples.
-    * With a ``k x k``/``k`` pool that tiles the conv output, a block's im2col rows
-      are ordered pool slot by pool slot (`conv_kernels.patch_view`), so pooling is k*k - 1
-      elementwise ops on contiguous blocks, and its backward one multiply by the
-      stored masks, never the strided passes (inner loop = c_out floats) of a
-      separate pool layer.
+      unless the whole matrix is small (``TUNING.store_cols_bytes``). A block is
+      about ``TUNING.fused_block_bytes`` of patch and output rows: a loop of a
+      few iterations for cache blocking, not a loop over examples.
+    * With a ``k x k``/``k`` pool that tiles the conv output, a block's im2col
+      rows are ordered pool slot by pool slot (`conv_kernels.patch_view`), so
+      pooling is k*k - 1 elementwise ops on contiguous blocks, and its backward
+      one multiply by the stored masks, never the strided passes (inner loop =
+      c_out floats) of a separate pool layer.
     * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
       smaller) array. The stored mask of slot s is "z_s is the window's first
       maximum and that maximum is > 0", the product of the max-pool routing and
@@ -477,15 +453,15 @@ class _ConvReLU:
         return self.conv.needs_input_grad
 
     def _block(self, m: int, oh: int, ow: int, K: int, itemsize: int) -> int:
-        """Examples per block: about `_FUSED_BLOCK_BYTES` of patch and output rows."""
+        """Examples per block: about ``TUNING.fused_block_bytes`` of patch and output rows."""
         per_example = oh * ow * (K + self.conv.out_channels) * itemsize
-        nb = max(1, min(m, _FUSED_BLOCK_BYTES // per_example))
+        nb = max(1, min(m, TUNING.fused_block_bytes // per_example))
         return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
 
     def forward(self, x, train=True):
         conv, k = self.conv, self.k
         kk, m, c_out, dtype = k * k, x.shape[0], conv.out_channels, x.dtype
-        fold = _FOLD_BIAS
+        fold = TUNING.fold_bias
         Wm = ck.filter_matrix(conv.W, conv.b, fold)
         # A private copy even without padding: backward recomputes patches from it.
         xp, oh, ow = conv.padded(x, copy=True)
@@ -497,7 +473,7 @@ class _ConvReLU:
         masks = self.workspace.get("masks", (m * oh * ow * c_out,), np.bool_)
         z = self.workspace.get("z", (nb * oh * ow, c_out), dtype) if k > 1 else None
         # Keep every block's patches for backward when they are small, else recompute them.
-        store = m * oh * ow * Wm.shape[0] * x.itemsize <= _STORE_COLS_BYTES
+        store = m * oh * ow * Wm.shape[0] * x.itemsize <= TUNING.store_cols_bytes
         cap = m * oh * ow if store else nb * oh * ow
         for a in range(0, m, nb):  # cache blocking, see the class docstring
             b = min(a + nb, m)
@@ -581,7 +557,7 @@ class _ConvReLU:
             n = b - a
             if full:
                 self._to_nhwc(dzb, inner[:n], n, oh, ow)
-                ck.full_corr(dyp[:n], conv.W, (n, h, w, c), conv.workspace, _BLOCK_BYTES, out=dx[a:b])
+                ck.full_corr(dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=dx[a:b])
             else:
                 self._to_nhwc(dzb, d[:n], n, oh, ow)
                 dx[a:b] = ck.col2im(d[:n].reshape(-1, c_out), conv.W, (n, h, w, c), conv.stride, pads, oh, ow)

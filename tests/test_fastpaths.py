@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import dpcnn.conv_kernels as ck
-import dpcnn.layers as L
+from dpcnn.conv_kernels import TUNING
 from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, _ConvReLU, _DenseReLU
 from dpcnn.model import Model
 
@@ -56,22 +56,22 @@ def assert_passes_close(a, b, rtol=1e-12, atol=1e-12):
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, "same"), (5, 1, 2), (3, 2, "same"), (1, 1, "valid"),
                                               (4, 1, "same")])
-def test_one_channel_transposed_im2col_matches_generic(monkeypatch, k, stride, padding):
+def test_one_channel_transposed_im2col_matches_generic(k, stride, padding):
     conv = make_conv(1, 5, k, stride, padding)
     x = RNG.standard_normal((3, 9, 10, 1))
     fast = conv_pass(conv, x)
-    monkeypatch.setattr(L, "_ONE_CHANNEL_T", False)
-    general = conv_pass(conv, x)
+    with TUNING.override(one_channel_t=False):
+        general = conv_pass(conv, x)
     assert_passes_close(fast, general)
 
 
 @pytest.mark.parametrize("cin", [1, 3])
-def test_folded_bias_matches_separate_bias_add(monkeypatch, cin):
+def test_folded_bias_matches_separate_bias_add(cin):
     conv = make_conv(cin, 4, 3)
     x = RNG.standard_normal((2, 7, 6, cin))
     folded = conv_pass(conv, x)
-    monkeypatch.setattr(L, "_FOLD_BIAS", False)
-    plain = conv_pass(conv, x)
+    with TUNING.override(fold_bias=False):
+        plain = conv_pass(conv, x)
     assert_passes_close(folded, plain)
 
 
@@ -98,7 +98,7 @@ def test_conv_input_grad_full_correlation_matches_col2im(k, padding):
     pads, (oh, ow) = conv.pads(8, 7), y.shape[1:3]
     dyp, inner = ck.dy_padded(conv.W, 2, oh, ow, pads, conv.workspace)
     inner[...] = dy
-    dx_fc = ck.full_corr(dyp, conv.W, x.shape, conv.workspace, L._BLOCK_BYTES)
+    dx_fc = ck.full_corr(dyp, conv.W, x.shape, conv.workspace, TUNING.block_bytes)
     dx_c2i = ck.col2im(dy.reshape(-1, 4), conv.W, x.shape, 1, pads, oh, ow)
     np.testing.assert_allclose(dx_fc, dx_c2i, rtol=1e-12, atol=1e-12)
     # backward takes one of the two
@@ -107,14 +107,14 @@ def test_conv_input_grad_full_correlation_matches_col2im(k, padding):
 
 
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
-def test_blocked_full_correlation_matches_col2im(monkeypatch, block_bytes):
+def test_blocked_full_correlation_matches_col2im(block_bytes):
     """Blocks of 1 example, a block size that leaves a remainder block, one block."""
-    monkeypatch.setattr(L, "_BLOCK_BYTES", block_bytes)
     conv = make_conv(2, 3, 3, 1, "same")
     x = RNG.standard_normal((5, 6, 5, 2))
-    y = conv.forward(x)
-    dy = RNG.standard_normal(y.shape)
-    dx = conv.backward(dy)
+    with TUNING.override(block_bytes=block_bytes):
+        y = conv.forward(x)
+        dy = RNG.standard_normal(y.shape)
+        dx = conv.backward(dy)
     expect = ck.col2im(dy.reshape(-1, 3), conv.W, x.shape, 1, conv.pads(6, 5), 6, 5)
     np.testing.assert_allclose(dx, expect, rtol=1e-12, atol=1e-12)
 
@@ -330,17 +330,16 @@ def test_layer_forward_does_not_write_its_input():
 
 
 @pytest.mark.parametrize("name", ["small", "lenet5", "seed"])
-def test_fused_blocks_and_stored_patches_match_one_block(monkeypatch, name):
+def test_fused_blocks_and_stored_patches_match_one_block(name):
     """Blocks of examples (with a remainder block), stored or recomputed patches: same gradients."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((7, 28, 28, 1))
     y = rng.integers(0, 10, 7)
 
     def grads(block_bytes, store_bytes):
-        monkeypatch.setattr(L, "_FUSED_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(L, "_STORE_COLS_BYTES", store_bytes)
-        model = Model.from_config(spec(name), dtype=np.float64, seed=8)
-        loss, _ = model.loss_and_grads(x, y)
+        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes):
+            model = Model.from_config(spec(name), dtype=np.float64, seed=8)
+            loss, _ = model.loss_and_grads(x, y)
         return loss, model.grads.copy()
 
     one_loss, one = grads(1 << 40, 0)
@@ -352,21 +351,20 @@ def test_fused_blocks_and_stored_patches_match_one_block(monkeypatch, name):
     np.testing.assert_array_equal(grads(200_000, 0)[1], grads(200_000, 1 << 40)[1])
 
 
-def test_inplace_relu_fusion_gives_bitwise_identical_gradients(monkeypatch):
+def test_inplace_relu_fusion_gives_bitwise_identical_gradients():
     """Without pooling and in one block, the fused steps do the unfused arithmetic exactly."""
-    monkeypatch.setattr(L, "_FUSED_BLOCK_BYTES", 1 << 40)
     layers = [{"type": "conv", "filters": 4, "kernel_size": 3}, {"type": "relu"},
               {"type": "conv", "filters": 5, "kernel_size": 3, "stride": 2}, {"type": "relu"},
               {"type": "flatten"}, {"type": "dense", "units": 12}, {"type": "relu"},
               {"type": "dense", "units": 10}]
-    for dtype in (np.float32, np.float64):
-        fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
-        plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
-        plain._fuse = False
-        assert [type(s).__name__ for s in fused._plan] == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
-        x = np.random.default_rng(1).standard_normal((6, 10, 10, 1)).astype(dtype)
-        y = np.arange(6)
-        assert fused.loss_and_grads(x, y) == plain.loss_and_grads(x, y)
-        np.testing.assert_array_equal(fused.grads, plain.grads)
-        np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
-
+    with TUNING.override(fused_block_bytes=1 << 40):
+        for dtype in (np.float32, np.float64):
+            fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
+            plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
+            plain._fuse = False
+            assert [type(s).__name__ for s in fused._plan] == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
+            x = np.random.default_rng(1).standard_normal((6, 10, 10, 1)).astype(dtype)
+            y = np.arange(6)
+            assert fused.loss_and_grads(x, y) == plain.loss_and_grads(x, y)
+            np.testing.assert_array_equal(fused.grads, plain.grads)
+            np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
