@@ -6,7 +6,7 @@ from data.
         python bench/profile_layers.py [--model small] [--batch 64] [--iters 40] [--windows 5]
 
 Two tables: the steps the Model actually runs (conv+relu+maxpool and
-dense+relu fused, see dpcnn.layers._ConvReLU), then the plain layers one by one
+dense+relu fused, see dpcnn.fused), then the plain layers one by one
 (Model._fuse = False). Each figure is the median over windows of the mean over
 ``--iters`` steps, in milliseconds per training step. "im2col" is the padding
 copy plus the patch copies (forward: of x; backward: of x again in the fused

@@ -7,8 +7,8 @@ a convolution is the GEMM of the patch matrix A ``(m*oh*ow, K)`` with the filter
 matrix ``(K, c_out)``. ``pads`` is always (top, bottom, left, right).
 
 These functions keep no state. Their callers, `dpcnn.layers.Conv2D` and the
-Model's fused conv steps (`dpcnn.layers._ConvReLU`), pass in the geometry, the
-parameters and a `Workspace` of reused work arrays. `TUNING` holds the switches and sizes of the
+fused conv steps of `dpcnn.fused`, pass in the geometry, the parameters and
+a `Workspace` of reused work arrays. `TUNING` holds the switches and sizes of the
 fast paths; tests and benchmarks change them with ``TUNING.override(...)``.
 """
 
@@ -61,7 +61,7 @@ class Tuning:
     - ``block_bytes``: target size of one block of patch rows where a GEMM is
       done block by block to stay in cache (about the L2 of one core).
     - ``fused_block_bytes``: the same for the blocks of examples of the fused
-      conv steps (`dpcnn.layers._ConvReLU`).
+      conv steps (`dpcnn.fused.ConvReLU`).
     - ``store_cols_bytes``: a fused conv step keeps its whole patch matrix for
       backward when it is at most this big, else backward recomputes the
       patches block by block.

@@ -1,6 +1,6 @@
 """Every fast path against its general/reference path on the same inputs.
 
-The fast paths (dpcnn.layers / dpcnn.model internals) are: the bias folded into
+The fast paths (dpcnn.layers, conv_kernels, fused) are: the bias folded into
 the conv GEMM, the transposed one-channel im2col, reused work buffers, the
 blocked full-correlation conv input gradient and the run-by-run col2im, the
 pooling reshape paths, and the Model's fused steps (conv-relu[-max|avg pool]
@@ -18,7 +18,8 @@ import yaml
 
 import dpcnn.conv_kernels as ck
 from dpcnn.conv_kernels import TUNING
-from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, _ConvReLU, _DenseReLU
+from dpcnn.fused import ConvReLU, DenseReLU
+from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from dpcnn.model import Model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -227,7 +228,7 @@ def test_fused_conv_relu_pool_matches_layers(k, stride, pool, ties, pool_cls):
     dy = RNG.standard_normal(a.shape)
     y_ref, dx_ref = unfused_pass(layers, x, dy)
     dW_ref, db_ref = conv.dW.copy(), conv.db.copy()
-    step = _ConvReLU(conv, relu, layers[2] if pool else None)
+    step = ConvReLU(conv, relu, layers[2] if pool else None)
     y = step.forward(x)
     dx = step.backward(dy)
     np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
@@ -244,7 +245,7 @@ def test_fused_pool_routes_tied_gradient_exactly_like_layers():
     layers = [conv, ReLU(), MaxPool2D(2)]
     dy = RNG.standard_normal((2, 4, 4, 1))
     y_ref, dx_ref = unfused_pass(layers, x, dy)  # dx = the routed gradient times W = 1: no rounding
-    step = _ConvReLU(*layers)
+    step = ConvReLU(*layers)
     np.testing.assert_array_equal(step.forward(x), y_ref)
     np.testing.assert_array_equal(step.backward(dy), dx_ref)
     assert np.count_nonzero(dx_ref) > 0
@@ -258,7 +259,7 @@ def test_fused_dense_relu_matches_layers():
     dy = RNG.standard_normal((4, 5))
     y_ref, dx_ref = unfused_pass([dense, ReLU()], x, dy)
     dW_ref = dense.dW.copy()
-    step = _DenseReLU(dense, ReLU())
+    step = DenseReLU(dense, ReLU())
     np.testing.assert_array_equal(step.forward(x), y_ref)
     np.testing.assert_array_equal(step.backward(dy), dx_ref)
     np.testing.assert_array_equal(dense.dW, dW_ref)
@@ -297,15 +298,15 @@ def test_fused_model_gradients_match_unfused(layers, input_shape):
 
 def test_plan_fuses_what_it_should():
     kinds = [type(s).__name__ for s in Model.from_config(spec("small"))._plan]
-    assert kinds == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
+    assert kinds == ["ConvReLU", "ConvReLU", "Flatten", "DenseReLU", "Dense"]
     lenet = Model.from_config(spec("lenet5"))._plan
-    assert [type(s).__name__ for s in lenet][:2] == ["_ConvReLU", "_ConvReLU"] and lenet[0].avg
+    assert [type(s).__name__ for s in lenet][:2] == ["ConvReLU", "ConvReLU"] and lenet[0].avg
     assert lenet[0].k == 2 and Model.from_config(spec("small"))._plan[0].k == 2
     # 7x7 conv output does not tile by 2: conv+relu fuse, the pool stays a layer.
     odd = Model.from_config([{"type": "conv", "filters": 2, "kernel_size": 3, "padding": "valid"},
                              {"type": "relu"}, {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"},
                              {"type": "dense", "units": 10}], input_shape=(9, 9, 1))
-    assert [type(s).__name__ for s in odd._plan] == ["_ConvReLU", "MaxPool2D", "Flatten", "Dense"]
+    assert [type(s).__name__ for s in odd._plan] == ["ConvReLU", "MaxPool2D", "Flatten", "Dense"]
     assert odd._plan[0].k == 1
 
 
@@ -362,7 +363,7 @@ def test_inplace_relu_fusion_gives_bitwise_identical_gradients():
             fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
             plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
             plain._fuse = False
-            assert [type(s).__name__ for s in fused._plan] == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
+            assert [type(s).__name__ for s in fused._plan] == ["ConvReLU", "ConvReLU", "Flatten", "DenseReLU", "Dense"]
             x = np.random.default_rng(1).standard_normal((6, 10, 10, 1)).astype(dtype)
             y = np.arange(6)
             assert fused.loss_and_grads(x, y) == plain.loss_and_grads(x, y)
