@@ -6,10 +6,19 @@ Layout as in `dpcnn.layers`: activations NHWC ``(m, h, w, c)``, filters HWIO
 a convolution is the GEMM of the patch matrix A ``(m*oh*ow, K)`` with the filter
 matrix ``(K, c_out)``. ``pads`` is always (top, bottom, left, right).
 
+How a convolution runs: the input is copied into a reused zero-bordered buffer
+(`pad`), its patches into a reused im2col matrix (`im2col`: one strided copy;
+for one input channel, one copy per kernel offset into a transposed matrix),
+then one GEMM with the bias folded in (a ones column, `filter_matrix`).
+Backward: dW and db are one GEMM (`param_grads`); dx is either the "full"
+correlation of dy with the flipped filters (`full_corr`: another im2col + GEMM,
+in cache-sized blocks) or the GEMM dy @ W^T scattered back onto the input
+(`col2im`), whichever suits the shape (`full_corr_ok`).
+
 These functions keep no state. Their callers, `dpcnn.layers.Conv2D` and the
-fused conv steps of `dpcnn.fused`, pass in the geometry, the parameters and
-a `Workspace` of reused work arrays. `TUNING` holds the switches and sizes of the
-fast paths; tests and benchmarks change them with ``TUNING.override(...)``.
+fused conv steps of `dpcnn.fused`, pass in the geometry, the parameters and a
+`Workspace` of reused work arrays. `TUNING` holds the switches and sizes of
+the fast paths; tests and benchmarks change them with ``TUNING.override(...)``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ __all__ = [
     "Tuning",
     "TUNING",
     "Workspace",
+    "conv_output_size",
+    "same_padding",
     "gemm",
     "adjacent",
     "rows_view",
@@ -135,6 +146,22 @@ def _ones_last_col(a: np.ndarray) -> None:
 
 def _ones_last_row(a: np.ndarray) -> None:
     a[-1] = 1
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_total: int) -> int:
+    """Output length of a window sliding over ``size + pad_total`` positions."""
+    return (size + pad_total - kernel) // stride + 1
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) zero padding so that output = ceil(size / stride).
+
+    When the total is odd the extra row/column goes after (bottom/right), as in
+    TensorFlow and PyTorch's ``padding="same"``.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 #: Every GEMM of the convolutions goes through this name: bench/profile_layers.py

@@ -66,11 +66,13 @@ class ConvReLU:
 
     def forward(self, x, train=True):
         conv, k = self.conv, self.k
-        kk, m, c_out, dtype = k * k, x.shape[0], conv.out_channels, x.dtype
+        kk, c_out, dtype = k * k, conv.out_channels, x.dtype
+        m, h, w, _ = x.shape
+        oh, ow, _ = conv.output_shape(x.shape[1:])
         fold = TUNING.fold_bias
         Wm = ck.filter_matrix(conv.W, conv.b, fold)
         # A private copy even without padding: backward recomputes patches from it.
-        xp, oh, ow = conv.padded(x, copy=True)
+        xp = ck.pad(x, conv.pads(h, w), conv.workspace, copy=True)
         qh, qw = oh // k, ow // k
         nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
         shape = (m, qh * qw, c_out)
@@ -83,7 +85,7 @@ class ConvReLU:
         cap = m * oh * ow if store else nb * oh * ow
         for a in range(0, m, nb):  # cache blocking, see the class docstring
             b = min(a + nb, m)
-            A = conv.patches(xp[a:b], oh, ow, k, fold, cap=cap, row0=a * oh * ow if store else 0)
+            A = self._patches(xp[a:b], oh, ow, fold, cap, row0=a * oh * ow if store else 0)
             yb = y[a:b].reshape(-1, c_out)
             zb = yb if k == 1 else z[:A.shape[0]]  # no pool: the GEMM writes the output itself
             ck.gemm(A, Wm, out=zb)
@@ -93,6 +95,14 @@ class ConvReLU:
             self._pool_relu(zb.reshape(kk, -1, c_out), yb, mb)
         self._cache = (x.shape, xp, fold, (oh, ow), nb, masks, store)
         return y.reshape(m, qh, qw, c_out)
+
+    def _patches(self, xp: np.ndarray, oh: int, ow: int, fold: bool, cap: int, row0: int = 0) -> np.ndarray:
+        """The patch matrix ``(n*oh*ow, K [+ 1])`` of the padded block xp
+        ``(n, hp, wp, c_in)``, rows in pool-slot order when a pool follows
+        (`conv_kernels.im2col` into the conv's workspace)."""
+        conv = self.conv
+        return ck.im2col(xp, conv.kernel_size, conv.stride, oh, ow, conv.workspace, self.k, fold,
+                         conv.transposed_cols, cap, row0)
 
     def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray) -> None:
         """One block: ``zs`` (k*k, rows, c_out) conv output by pool slot -> ``y`` (rows, c_out);
@@ -147,9 +157,9 @@ class ConvReLU:
         for a in range(0, m, nb):  # the forward's blocks
             b = min(a + nb, m)
             if store:
-                A = conv.stored_patches(a * oh * ow, (b - a) * oh * ow)
+                A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * oh * ow, (b - a) * oh * ow)
             else:
-                A = conv.patches(xp[a:b], oh, ow, k, fold, cap=nb * oh * ow)  # recomputed
+                A = self._patches(xp[a:b], oh, ow, fold, cap=nb * oh * ow)  # recomputed
             dzb = dz[:A.shape[0]]
             g = dy[a:b].reshape(-1, c_out)
             if self.avg:

@@ -26,38 +26,10 @@ import math
 import numpy as np
 
 from . import conv_kernels as ck
-from .conv_kernels import TUNING, Workspace
+from .conv_kernels import TUNING, Workspace, conv_output_size, same_padding
 
-__all__ = [
-    "Layer",
-    "Conv2D",
-    "ReLU",
-    "MaxPool2D",
-    "AvgPool2D",
-    "Flatten",
-    "Dense",
-    "SoftmaxCrossEntropy",
-    "softmax",
-    "log_softmax",
-    "conv_output_size",
-    "same_padding",
-]
-
-
-def conv_output_size(size: int, kernel: int, stride: int, pad_total: int) -> int:
-    """Output length of a window sliding over ``size + pad_total`` positions."""
-    return (size + pad_total - kernel) // stride + 1
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """(before, after) zero padding so that output = ceil(size / stride).
-
-    When the total is odd the extra row/column goes after (bottom/right), as in
-    TensorFlow and PyTorch's ``padding="same"``.
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
+__all__ = ["Layer", "Conv2D", "ReLU", "MaxPool2D", "AvgPool2D", "Flatten", "Dense", "SoftmaxCrossEntropy",
+           "softmax", "log_softmax", "conv_output_size", "same_padding"]
 
 
 class Layer:
@@ -87,15 +59,9 @@ class Conv2D(Layer):
     ``b`` ``(c_out,)``. ``padding`` is ``"same"`` (oh = ceil(h / stride)),
     ``"valid"`` (no padding) or a non-negative int (that many zeros on every side).
 
-    How it runs: the input is copied into a reused zero-bordered buffer, its
-    patches into a reused im2col matrix (one strided copy; for one input
-    channel, one copy per kernel offset into a transposed matrix), then one
-    GEMM with the bias folded in (a ones column). Backward: dW and db are one
-    GEMM; dx is either the "full" correlation of dy with the flipped filters
-    (another im2col + GEMM, in cache-sized blocks) or the GEMM dy @ W^T
-    scattered back onto the input (col2im), whichever suits the shape (see
-    `conv_kernels.full_corr_ok`). The Model runs conv-relu[-pool] runs fused
-    (`dpcnn.fused.ConvReLU`).
+    How it runs: im2col and one GEMM, see `dpcnn.conv_kernels`, with work
+    arrays reused in ``workspace``. The Model runs conv-relu[-pool] fused
+    (`dpcnn.fused.ConvReLU`) over this layer's parameters and workspace.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
@@ -143,38 +109,19 @@ class Conv2D(Layer):
         return (conv_output_size(h, f, self.stride, t + btm),
                 conv_output_size(w, f, self.stride, l + r), self.out_channels)
 
-    # -- the pieces, shared with the Model's fused steps -------------------------
-
-    def padded(self, x: np.ndarray, copy: bool = False):
-        """``(xp, oh, ow)``: x ``(m, h, w, c_in)`` zero-padded in the layer's
-        workspace (x itself when there is no padding, unless ``copy``)."""
-        m, h, w, c = x.shape
-        oh, ow, _ = self.output_shape((h, w, c))
-        return ck.pad(x, self.pads(h, w), self.workspace, copy), oh, ow
-
-    def patches(self, xp: np.ndarray, oh: int, ow: int, k: int = 1, fold: bool = False,
-                cap: int | None = None, row0: int = 0) -> np.ndarray:
-        """The patch matrix A ``(m*oh*ow, K [+ 1])`` of the padded ``xp``
-        (`conv_kernels.im2col` with this layer's filter, stride and workspace)."""
-        return ck.im2col(xp, self.kernel_size, self.stride, oh, ow, self.workspace, k, fold,
-                         self._transposed_cols(), cap, row0)
-
-    def stored_patches(self, row0: int, n: int) -> np.ndarray:
-        """Rows ``row0:row0 + n`` of the patch matrix that `patches` wrote last."""
-        return ck.stored_cols(self.workspace, self._transposed_cols(), row0, n)
-
-    def _transposed_cols(self) -> bool:
+    @property
+    def transposed_cols(self) -> bool:
         """Whether im2col builds the transposed (K, n) patch matrix (one input channel)."""
         return self.in_channels == 1 and self.kernel_size > 1 and TUNING.one_channel_t
 
-    # -- the layer interface -----------------------------------------------------
-
     def forward(self, x, train=True):
-        m = x.shape[0]
+        m, h, w, c = x.shape
+        oh, ow, _ = self.output_shape((h, w, c))
         fold = TUNING.fold_bias
         Wm = ck.filter_matrix(self.W, self.b, fold)
-        xp, oh, ow = self.padded(x)
-        A = self.patches(xp, oh, ow, fold=fold)
+        xp = ck.pad(x, self.pads(h, w), self.workspace)
+        A = ck.im2col(xp, self.kernel_size, self.stride, oh, ow, self.workspace, fold=fold,
+                      transposed=self.transposed_cols)
         y = ck.gemm(A, Wm)
         if not fold:
             y += self.b
