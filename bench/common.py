@@ -12,12 +12,17 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import atexit  # noqa: E402
 import datetime as _dt  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from dpcnn.model import Model  # noqa: E402  (after the BLAS variables and ROOT on the path)
 
 
 def model_spec(name: str) -> list[dict]:
@@ -100,7 +107,6 @@ def machine() -> dict:
 
 def torch_available() -> bool:
     """Whether torch is installed, without importing it."""
-    import importlib.util
     return importlib.util.find_spec("torch") is not None
 
 
@@ -173,7 +179,6 @@ def torch_step_fn(torch, specs, batch: int, lr: float = 0.01, seed: int = 0, cha
 
 def numpy_step_fn(specs, batch: int, lr: float = 0.01, seed: int = 0):
     """A closure doing one dpcnn forward + backward + plain SGD step on the flat buffer."""
-    from dpcnn.model import Model
     return numpy_step_fn_for(Model, specs, batch, lr, seed)
 
 
@@ -183,20 +188,23 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
+#: The modules `dpcnn.model.Model` is made of; a revision has those of them that existed
+#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13).
+MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py")
+
+
 def baseline_model_class(rev: str):
-    """`Model` of dpcnn at git revision ``rev`` (its layers.py, model.py, errors.py),
-    imported as a separate package, so a run can time the old code against the new.
+    """`Model` of dpcnn at git revision ``rev`` (its `MODEL_MODULES`), imported as
+    a separate package, so a run can time the old code against the new.
     """
-    import atexit
-    import importlib
-    import shutil
-    import tempfile
     pkg = "dpcnn_" + "".join(ch if ch.isalnum() else "_" for ch in rev)
     root = Path(tempfile.mkdtemp(prefix="dpcnn_baseline_"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     (root / pkg).mkdir()
     (root / pkg / "__init__.py").write_text("")
-    for name in ("errors.py", "layers.py", "model.py"):
+    at_rev = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "dpcnn/"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in (n for n in MODEL_MODULES if f"dpcnn/{n}" in at_rev):
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dpcnn/{name}"],
                              capture_output=True, text=True, check=True).stdout
         (root / pkg / name).write_text(src)

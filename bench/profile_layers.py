@@ -6,7 +6,7 @@ from data.
         python bench/profile_layers.py [--model small] [--batch 64] [--iters 40] [--windows 5]
 
 Two tables: the steps the Model actually runs (conv+relu+maxpool and
-dense+relu fused, see dpcnn.layers._ConvReLU), then the plain layers one by one
+dense+relu fused, see dpcnn.fused), then the plain layers one by one
 (Model._fuse = False). Each figure is the median over windows of the mean over
 ``--iters`` steps, in milliseconds per training step. "im2col" is the padding
 copy plus the patch copies (forward: of x; backward: of x again in the fused
@@ -28,15 +28,22 @@ from common import median, model_spec  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from dpcnn import conv_kernels  # noqa: E402
 from dpcnn.layers import Conv2D  # noqa: E402
 from dpcnn.model import Model  # noqa: E402
 
 
+#: The conv kernels timed, by the column they count in. "pad" and "im2col" copy x
+#: (padding, patches), "full_corr_cols" the padded dy's patches of the full correlation.
+PROBES = {"gemm": "gemm", "pad": "im2col", "im2col": "im2col", "full_corr_cols": "im2col"}
+
+
 class _Clock:
-    """Accumulates the seconds spent in wrapped calls under the current phase."""
+    """Accumulates the seconds spent in wrapped calls under the current phase and step."""
 
     def __init__(self):
         self.phase = None
+        self.step = None
         self.acc: dict = {}
 
     def wrap(self, fn, label):
@@ -45,7 +52,7 @@ class _Clock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                key = (self.phase, label)
+                key = (self.phase, (self.step, label))
                 self.acc[key] = self.acc.get(key, 0.0) + time.perf_counter() - t0
         return timed
 
@@ -58,13 +65,11 @@ def _convs(step):
 def profile(model: Model, x, y, iters: int, windows: int):
     steps = model._steps()
     clock = _Clock()
-    for i, step in enumerate(steps):
-        for conv in _convs(step):
-            # Instance attributes shadow the class's: only this model is timed.
-            conv._gemm = clock.wrap(np.matmul, (i, "gemm"))
-            conv._cols = clock.wrap(conv._cols, (i, "im2col"))
-            conv._padded = clock.wrap(conv._padded, (i, "im2col"))
-            conv._dcols = clock.wrap(conv._dcols, (i, "im2col"))
+    # The layers call the kernels through the module (`conv_kernels.gemm`, ...),
+    # so wrapping the module's functions times every call; `clock.step` says whose.
+    originals = {name: getattr(conv_kernels, name) for name in PROBES}
+    for name, label in PROBES.items():
+        setattr(conv_kernels, name, clock.wrap(originals[name], label))
 
     def run(n):
         clock.acc.clear()
@@ -73,6 +78,7 @@ def profile(model: Model, x, y, iters: int, windows: int):
             a = x
             clock.phase = "fwd"
             for i, step in enumerate(steps):
+                clock.step = i
                 t0 = time.perf_counter()
                 a = step.forward(a, True)
                 fw[i] += time.perf_counter() - t0
@@ -80,6 +86,7 @@ def profile(model: Model, x, y, iters: int, windows: int):
             d = model.loss.backward()
             clock.phase = "bwd"
             for i in reversed(range(len(steps))):
+                clock.step = i
                 t0 = time.perf_counter()
                 d = steps[i].backward(d)
                 bw[i] += time.perf_counter() - t0
@@ -88,16 +95,16 @@ def profile(model: Model, x, y, iters: int, windows: int):
         parts = {k: v / n for k, v in clock.acc.items()}
         return fw / n, bw / n, parts
 
-    run(5)
-    results = [run(iters) for _ in range(windows)]
+    try:
+        run(5)
+        results = [run(iters) for _ in range(windows)]
+    finally:
+        for name, fn in originals.items():
+            setattr(conv_kernels, name, fn)
     fw = np.median([r[0] for r in results], axis=0)
     bw = np.median([r[1] for r in results], axis=0)
     keys = set().union(*(r[2] for r in results))
     parts = {k: median([r[2].get(k, 0.0) for r in results]) for k in keys}
-    for step in steps:  # back to the class methods
-        for conv in _convs(step):
-            for name in ("_gemm", "_cols", "_dcols", "_padded"):
-                conv.__dict__.pop(name, None)
     return steps, fw, bw, parts
 
 

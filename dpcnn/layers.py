@@ -12,9 +12,10 @@ points them at views of one flat parameter buffer and one flat gradient buffer,
 so a backward pass writes the gradients straight into the buffer that the
 allreduce and the optimizer use.
 
-Speed (bench/RESULTS.md): layers reuse their work arrays across steps, and the
-Model runs conv-relu[-pool] and dense-relu as fused steps (`_ConvReLU`,
-`_DenseReLU`) that give the same numbers as the layers one by one; layers
+Speed (bench/RESULTS.md): the convolution's im2col / col2im / full-correlation
+kernels live in `dpcnn.conv_kernels`, layers reuse their work arrays across
+steps, and the Model runs conv-relu[-pool] and dense-relu as fused steps
+(`dpcnn.fused`) that give the same numbers as the layers one by one; layers
 never write their caller's arrays.
 """
 
@@ -23,38 +24,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
-__all__ = [
-    "Layer",
-    "Conv2D",
-    "ReLU",
-    "MaxPool2D",
-    "AvgPool2D",
-    "Flatten",
-    "Dense",
-    "SoftmaxCrossEntropy",
-    "softmax",
-    "log_softmax",
-    "conv_output_size",
-    "same_padding",
-]
+from . import conv_kernels as ck
+from .conv_kernels import TUNING, Workspace, conv_output_size, same_padding
 
-
-def conv_output_size(size: int, kernel: int, stride: int, pad_total: int) -> int:
-    """Output length of a window sliding over ``size + pad_total`` positions."""
-    return (size + pad_total - kernel) // stride + 1
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """(before, after) zero padding so that output = ceil(size / stride).
-
-    When the total is odd the extra row/column goes after (bottom/right), as in
-    TensorFlow and PyTorch's ``padding="same"``.
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
+__all__ = ["Layer", "Conv2D", "ReLU", "MaxPool2D", "AvgPool2D", "Flatten", "Dense", "SoftmaxCrossEntropy",
+           "softmax", "log_softmax", "conv_output_size", "same_padding"]
 
 
 class Layer:
@@ -77,90 +52,6 @@ class Layer:
         return type(self).__name__ + "()"
 
 
-def _scratch(owner, name: str, shape: tuple, dtype, init=None) -> np.ndarray:
-    """``owner``'s reusable work array ``name``; a new one only when shape or dtype change.
-
-    Reusing work arrays across steps spares the allocator and the page faults of
-    fresh multi-megabyte arrays. ``init(a)`` runs on a new array only: it sets
-    what the users of the array never overwrite (a zero border, a ones column).
-    Only the layer itself ever sees these arrays.
-    """
-    bufs = owner.__dict__.setdefault("_bufs", {})
-    a = bufs.get(name)
-    if a is None or a.shape != shape or a.dtype != dtype:
-        a = np.empty(shape, dtype)
-        if init is not None:
-            init(a)
-        bufs[name] = a
-    return a
-
-
-def _zero(a: np.ndarray) -> None:
-    a.fill(0)
-
-
-def _ones_last_col(a: np.ndarray) -> None:
-    a[..., -1] = 1
-
-
-def _ones_last_row(a: np.ndarray) -> None:
-    a[-1] = 1
-
-
-#: Fold the bias into the convolution GEMM: a column of ones in the patches,
-#: the bias as the last row of the filter matrix. A broadcast bias add over
-#: (m*oh*ow, c_out) runs its inner loop c_out elements at a time and cost more
-#: than the whole first-layer GEMM; the extra GEMM column costs ~nothing.
-#: When W and b lie next to each other in one buffer (as `dpcnn.model.Model`
-#: lays them out) the (K + 1, c_out) matrix is a view, else a small copy.
-_FOLD_BIAS = True
-
-
-#: One input channel: im2col into a transposed (K, n) matrix, one copy per
-#: kernel offset (see Conv2D._cols). False: the generic (n, K) patch copy.
-_ONE_CHANNEL_T = True
-
-
-#: Target size of one block of patch rows where a GEMM is done block by block
-#: to stay in cache (about the L2 of one core).
-_BLOCK_BYTES = 1 << 20
-#: The same for the blocks of examples of the Model's fused conv steps (`_ConvReLU`).
-_FUSED_BLOCK_BYTES = 3 << 20
-#: A fused conv step keeps its whole patch matrix for backward when it is at most
-#: this big, else backward recomputes the patches block by block.
-_STORE_COLS_BYTES = 6 << 20
-
-
-def _adjacent(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when b starts right where a ends, both C-contiguous and of one dtype."""
-    return (a.flags.c_contiguous and b.flags.c_contiguous and a.dtype == b.dtype
-            and b.__array_interface__["data"][0] == a.__array_interface__["data"][0] + a.nbytes)
-
-
-def _rows_view(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """The (rows, cols) C-ordered matrix that starts at a's first element (may run past a)."""
-    return as_strided(a, shape=(rows, cols), strides=(cols * a.itemsize, a.itemsize))
-
-
-def _patch_view(xp: np.ndarray, f: int, stride: int, oh: int, ow: int, k: int = 1) -> np.ndarray:
-    """Read-only strided view of every ``f x f`` window of ``xp``, ``(..., f, f, c)``.
-
-    ``k == 1``: ``(m, oh, ow, f, f, c)``, output pixels in NHWC order.
-    ``k > 1`` (a ``k x k``/``k`` max pool follows): ``(k, k, m, oh/k, ow/k, f, f, c)``;
-    output pixel ``(k*qy + pi, k*qx + pj)`` sits at ``[pi, pj, :, qy, qx]``, so
-    each of the k*k pooling-window slots is one contiguous block of rows and the
-    pool is k*k - 1 elementwise maxima of whole blocks.
-    """
-    m, _, _, c = xp.shape
-    sm, sh, sw, sc = xp.strides
-    if k == 1:
-        return as_strided(xp, shape=(m, oh, ow, f, f, c),
-                          strides=(sm, sh * stride, sw * stride, sh, sw, sc), writeable=False)
-    return as_strided(xp, shape=(k, k, m, oh // k, ow // k, f, f, c),
-                      strides=(sh * stride, sw * stride, sm, sh * stride * k, sw * stride * k, sh, sw, sc),
-                      writeable=False)
-
-
 class Conv2D(Layer):
     """2-D convolution (cross-correlation) with bias.
 
@@ -168,14 +59,9 @@ class Conv2D(Layer):
     ``b`` ``(c_out,)``. ``padding`` is ``"same"`` (oh = ceil(h / stride)),
     ``"valid"`` (no padding) or a non-negative int (that many zeros on every side).
 
-    How it runs: the input is copied into a reused zero-bordered buffer, its
-    patches into a reused im2col matrix (one strided copy; for one input
-    channel, one copy per kernel offset into a transposed matrix), then one
-    GEMM with the bias folded in (a ones column). Backward: dW and db are one
-    GEMM; dx is either the "full" correlation of dy with the flipped filters
-    (another im2col + GEMM, in cache-sized blocks) or the GEMM dy @ W^T
-    scattered back onto the input (col2im), whichever suits the shape (see
-    `_full_corr_ok`). The Model runs conv-relu[-pool] runs fused (`_ConvReLU`).
+    How it runs: im2col and one GEMM, see `dpcnn.conv_kernels`, with work
+    arrays reused in ``workspace``. The Model runs conv-relu[-pool] fused
+    (`dpcnn.fused.ConvReLU`) over this layer's parameters and workspace.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
@@ -197,6 +83,8 @@ class Conv2D(Layer):
         # The first layer of a model has no use for d loss / d input; skipping it
         # saves a GEMM and the col2im scatter.
         self.needs_input_grad = True
+        # Work arrays reused across steps; the Model's fused step over this layer uses them too.
+        self.workspace = Workspace()
 
     def fan_in(self) -> int:
         return self.kernel_size * self.kernel_size * self.in_channels
@@ -221,187 +109,20 @@ class Conv2D(Layer):
         return (conv_output_size(h, f, self.stride, t + btm),
                 conv_output_size(w, f, self.stride, l + r), self.out_channels)
 
-    # -- the pieces, shared with the Model's fused blocks ------------------------
-
-    def _param_mats(self):
-        """(Wm, dWm, folded): W and dW as ``(K, c_out)`` matrices, K = f*f*c_in, or
-        ``(K + 1, c_out)`` with b (db) as the last row when folding the bias.
-
-        dWm is None when folding but dW and db are not adjacent: `_param_grads`
-        then computes the stacked gradient and copies it out.
-        """
-        k = self.out_channels
-        K = self.W.size // k
-        if not _FOLD_BIAS:
-            return self.W.reshape(K, k), self.dW.reshape(K, k), False
-        if _adjacent(self.W, self.b):
-            Wm = _rows_view(self.W, K + 1, k)
-        else:
-            Wm = np.concatenate([self.W.reshape(K, k), self.b.reshape(1, k)])
-        dWm = _rows_view(self.dW, K + 1, k) if _adjacent(self.dW, self.db) else None
-        return Wm, dWm, True
-
-    def _padded(self, x: np.ndarray, copy: bool = False):
-        """``(xp, oh, ow)``: x zero-padded in a reused buffer (x itself when there is
-        no padding, unless ``copy``)."""
-        m, h, w, c = x.shape
-        t, btm, l, r = self.pads(h, w)
-        oh, ow, _ = self.output_shape((h, w, c))
-        if not (t or btm or l or r or copy):
-            return x, oh, ow
-        # Only the interior changes from step to step; the border stays zero.
-        xp = _scratch(self, "xp", (m, h + t + btm, w + l + r, c), x.dtype, _zero)
-        xp[:, t:t + h, l:l + w, :] = x
-        return xp, oh, ow
-
-    def _cols(self, xp: np.ndarray, oh: int, ow: int, k: int, fold: bool, cap: int | None = None,
-              row0: int = 0):
-        """im2col of the padded ``xp``: A ``(m*oh*ow, K [+ 1])``, rows in pool-slot
-        order when ``k > 1`` (see `_patch_view`), a last column of ones when ``fold``.
-
-        A is rows ``row0:row0 + m*oh*ow`` of a reused buffer of ``cap`` rows (default:
-        exactly A's) and stays valid until the buffer is written there again.
-        """
-        m, _, _, c = xp.shape
-        f, s = self.kernel_size, self.stride
-        view = _patch_view(xp, f, s, oh, ow, k)
-        K, n, extra = f * f * c, m * oh * ow, int(fold)
-        cap = n if cap is None else cap
-        rows = slice(row0, row0 + n)
-        if self._transposed_cols():
-            # One channel: the NHWC patch copy would move f floats per inner loop.
-            # Copy offset by offset into a transposed (K, n) matrix instead: each
-            # copy moves whole image rows, and BLAS reads A = cols^T as is.
-            colsT = _scratch(self, "colsT", (K + extra, cap), xp.dtype, _ones_last_row if fold else None)
-            for i in range(f):
-                for j in range(f):
-                    np.copyto(colsT[i * f + j, rows].reshape(view.shape[:-3]), view[..., i, j, 0])
-            return colsT[:, rows].T
-        cols = _scratch(self, "cols", (cap, K + extra), xp.dtype, _ones_last_col if fold else None)
-        np.copyto(np.reshape(cols[rows, :K], view.shape, copy=False), view)
-        return cols[rows]
-
-    def _transposed_cols(self) -> bool:
-        """Whether `_cols` builds the transposed (K, n) patch matrix (one input channel)."""
-        return self.in_channels == 1 and self.kernel_size > 1 and _ONE_CHANNEL_T
-
-    def _stored_cols(self, row0: int, n: int) -> np.ndarray:
-        """Rows ``row0:row0 + n`` of the patch matrix that `_cols` wrote last."""
-        if self._transposed_cols():
-            return self._bufs["colsT"][:, row0:row0 + n].T
-        return self._bufs["cols"][row0:row0 + n]
-
-    #: Every GEMM of the layer goes through here (bench/profile_layers.py times it).
-    _gemm = staticmethod(np.matmul)
-
-    def _param_grads(self, A: np.ndarray, dz: np.ndarray, fold: bool, accumulate: bool = False) -> None:
-        """dW (and db) from the forward patches A and d loss / d conv output ``(n, c_out)``;
-        ``accumulate`` adds to them (a later block of examples) instead of overwriting."""
-        _, dWm, _ = self._param_mats()
-        k = dz.shape[1]
-        if fold and dWm is None:  # W, b not adjacent: the stacked gradient, then copied out
-            g = self._gemm(A.T, dz)
-            dW, db = self.dW.reshape(-1, k), self.db
-            if accumulate:
-                dW += g[:-1]
-                db += g[-1]
-            else:
-                dW[...], db[...] = g[:-1], g[-1]
-            return
-        target = dWm if fold else self.dW.reshape(-1, k)
-        if accumulate:
-            target += self._gemm(A.T, dz)
-        else:
-            self._gemm(A.T, dz, out=target)
-        if not fold:
-            # A GEMV: far faster than dz.sum(axis=0), whose inner loop is c_out long.
-            ones = _scratch(self, "ones", (dz.shape[0],), dz.dtype, lambda a: a.fill(1))
-            if accumulate:
-                self.db += self._gemm(ones[:dz.shape[0]], dz)
-            else:
-                self._gemm(ones, dz, out=self.db)
-
-    def _full_corr_ok(self, pads, h: int, w: int, oh: int, ow: int) -> bool:
-        """Whether dx goes by the full correlation (else col2im).
-
-        Stride 1 only, and only when the output is about as large as the input
-        ("same"-like padding): the full correlation computes its GEMM over every
-        input pixel from a zero-padded dy, so for a "valid" 5x5 conv on 14x14 it
-        does twice the work of col2im, in a GEMM with only c_in columns.
-        Measured: full correlation 1.8x faster on the `small` model's second
-        conv, col2im 1.8x faster on LeNet-5's.
-        """
-        return (self.stride == 1 and max(pads) <= self.kernel_size - 1
-                and h * w <= 1.25 * oh * ow)
-
-    def _dy_padded(self, m: int, oh: int, ow: int, pads):
-        """(dyp, interior): the zero-bordered buffer of the full correlation and
-        the view of it where d loss / d output goes."""
-        f, k = self.kernel_size, self.out_channels
-        t, btm, l, r = pads
-        pt, pb, pl, pr = f - 1 - t, f - 1 - btm, f - 1 - l, f - 1 - r
-        dyp = _scratch(self, "dyp", (m, oh + pt + pb, ow + pl + pr, k), self.W.dtype, _zero)
-        return dyp, dyp[:, pt:pt + oh, pl:pl + ow, :]
-
-    def _dcols(self, view: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Copy patches ``view`` (examples, h, w, f, f, c_out) into ``out`` rows: the
-        im2col of the padded dy for the full correlation."""
-        dcols = out[:math.prod(view.shape[:3])]
-        np.copyto(dcols.reshape(view.shape), view)
-        return dcols
-
-    def _full_corr(self, dyp: np.ndarray, x_shape, out: np.ndarray | None = None) -> np.ndarray:
-        """dx at stride 1: the "full" correlation of dy with the flipped filters.
-
-        The GEMM has only c_in output columns and streams its (m*h*w, f*f*c_out)
-        operand once, so it is memory bound: done in blocks of examples whose
-        patch matrix fits in L2 (one reused block buffer), im2col + GEMM of a
-        block run on data still in cache (measured 30 % faster than one big
-        im2col then one GEMM for the `small` model's second conv).
-        """
-        m, h, w, c = x_shape
-        f, k = self.kernel_size, self.out_channels
-        w_flip = self.W[::-1, ::-1].transpose(0, 1, 3, 2).reshape(f * f * k, c)
-        view = _patch_view(dyp, f, 1, h, w)
-        row_bytes = h * w * f * f * k * dyp.itemsize
-        nb = max(1, min(m, _BLOCK_BYTES // row_bytes))
-        buf = _scratch(self, "dcols", (nb * h * w, f * f * k), dyp.dtype)
-        dx = np.empty((m * h * w, c), dyp.dtype) if out is None else out.reshape(m * h * w, c)
-        for a in range(0, m, nb):  # cache blocking: ceil(m / nb) blocks of examples
-            dcols = self._dcols(view[a:a + nb], buf)
-            self._gemm(dcols, w_flip, out=dx[a * h * w:(a + nb) * h * w])
-        return dx.reshape(x_shape)
-
-    def _col2im(self, dy2: np.ndarray, x_shape, pads, oh: int, ow: int) -> np.ndarray:
-        """dx in general: dcols = dy @ W^T, scattered back onto the input pixels."""
-        m, h, w, c = x_shape
-        f, s, k = self.kernel_size, self.stride, self.out_channels
-        t, btm, l, r = pads
-        dcols = self._gemm(dy2, self.W.reshape(f * f * c, k).T).reshape(m, oh, ow, f, f * c)
-        dxp = np.zeros((m, h + t + btm, w + l + r, c), dy2.dtype)
-        # Output pixel (y, x) read the input row s*y + i, columns s*x .. s*x + f - 1:
-        # f*c contiguous values, matching dcols[:, y, x, i]. Those runs overlap for
-        # neighbouring x, but not for x that differ by g = ceil(f / s), so each
-        # (i, x mod g) is one += of disjoint runs (no np.add.at needed), whose
-        # inner loop is f*c values long, not c as with one += per kernel offset.
-        g = -(-f // s)
-        sm, sh, sw, sc = dxp.strides
-        for i in range(f):
-            for q in range(min(g, ow)):
-                nx = len(range(q, ow, g))
-                target = as_strided(dxp[:, i:, s * q:], shape=(m, oh, nx, f * c),
-                                    strides=(sm, s * sh, s * g * sw, sc))
-                target += dcols[:, :, q::g, i, :]
-        return dxp[:, t:t + h, l:l + w, :]
-
-    # -- the layer interface -----------------------------------------------------
+    @property
+    def transposed_cols(self) -> bool:
+        """Whether im2col builds the transposed (K, n) patch matrix (one input channel)."""
+        return self.in_channels == 1 and self.kernel_size > 1 and TUNING.one_channel_t
 
     def forward(self, x, train=True):
         m, h, w, c = x.shape
-        Wm, _, fold = self._param_mats()
-        xp, oh, ow = self._padded(x)
-        A = self._cols(xp, oh, ow, 1, fold)
-        y = self._gemm(A, Wm)
+        oh, ow, _ = self.output_shape((h, w, c))
+        fold = TUNING.fold_bias
+        Wm = ck.filter_matrix(self.W, self.b, fold)
+        xp = ck.pad(x, self.pads(h, w), self.workspace)
+        A = ck.im2col(xp, self.kernel_size, self.stride, oh, ow, self.workspace, fold=fold,
+                      transposed=self.transposed_cols)
+        y = ck.gemm(A, Wm)
         if not fold:
             y += self.b
         self._cache = (x.shape, A, fold, (oh, ow))
@@ -411,18 +132,18 @@ class Conv2D(Layer):
         x_shape, A, fold, (oh, ow) = self._cache
         m, h, w, _ = x_shape
         dy2 = dy.reshape(-1, self.out_channels)
-        self._param_grads(A, dy2, fold)
+        ck.param_grads(A, dy2, self.dW, self.db, fold, self.workspace)
         if not self.needs_input_grad:
             return None
         pads = self.pads(h, w)
-        if self._full_corr_ok(pads, h, w, oh, ow):
+        if ck.full_corr_ok(self.kernel_size, self.stride, pads, h, w, oh, ow):
             # Stride 1: dx is the "full" correlation of dy with the flipped
             # filters, i.e. one more im2col + GEMM. Cheaper than scattering
             # f*f strided slices back (col2im).
-            dyp, interior = self._dy_padded(m, oh, ow, pads)
+            dyp, interior = ck.dy_padded(self.W, m, oh, ow, pads, self.workspace)
             interior[...] = dy
-            return self._full_corr(dyp, x_shape)
-        return self._col2im(dy2, x_shape, pads, oh, ow)
+            return ck.full_corr(dyp, self.W, x_shape, self.workspace, TUNING.block_bytes)
+        return ck.col2im(dy2, self.W, x_shape, self.stride, pads, oh, ow)
 
     def __repr__(self):
         return (f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -638,195 +359,6 @@ class Dense(Layer):
 
     def __repr__(self):
         return f"Dense({self.in_features}, {self.out_features})"
-
-
-class _ConvReLU:
-    """Model-internal fusion of ``Conv2D -> ReLU [-> MaxPool2D | AvgPool2D]``; the
-    same numbers as the separate layers (up to the order of float sums).
-
-    Not a layer of the public API: `dpcnn.model.Model` builds these over its own
-    layers (sharing their parameter views) where the pattern occurs, and owns
-    every array passed between them. What the fusion saves:
-
-    * Blocks of examples: im2col, GEMM, pooling and ReLU of one block run while
-      its patch matrix is still in cache, and only 1-byte masks are kept for
-      backward (not the conv output). Backward recomputes each block's patches
-      (a cheap copy) instead of reading back a multi-megabyte patch matrix,
-      unless the whole matrix is small (`_STORE_COLS_BYTES`). A block is about
-      `_FUSED_BLOCK_BYTES` of patch and output rows: a loop of a few iterations
-      for cache blocking, not a loop over examples.
-    * With a ``k x k``/``k`` pool that tiles the conv output, a block's im2col rows
-      are ordered pool slot by pool slot (`_patch_view`), so pooling is k*k - 1
-      elementwise ops on contiguous blocks, and its backward one multiply by the
-      stored masks, never the strided passes (inner loop = c_out floats) of a
-      separate pool layer.
-    * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
-      smaller) array. The stored mask of slot s is "z_s is the window's first
-      maximum and that maximum is > 0", the product of the max-pool routing and
-      the ReLU mask of the unfused layers (if the maximum is <= 0, relu(z) ties
-      at 0 and the unfused ReLU backward zeroes the gradient anyway).
-    """
-
-    def __init__(self, conv: Conv2D, relu: ReLU, pool: _Pool2D | None = None):
-        self.conv, self.relu, self.pool = conv, relu, pool
-        self.k = pool.kernel_size if pool is not None else 1
-        self.avg = isinstance(pool, AvgPool2D)
-        #: The Model sets this False on its last step: the output is then a fresh array.
-        self.reuse_output = True
-        self.layers = (conv, relu) if pool is None else (conv, relu, pool)
-
-    @property
-    def needs_input_grad(self):
-        return self.conv.needs_input_grad
-
-    def _block(self, m: int, oh: int, ow: int, K: int, itemsize: int) -> int:
-        """Examples per block: about `_FUSED_BLOCK_BYTES` of patch and output rows."""
-        per_example = oh * ow * (K + self.conv.out_channels) * itemsize
-        nb = max(1, min(m, _FUSED_BLOCK_BYTES // per_example))
-        return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
-
-    def forward(self, x, train=True):
-        conv, k = self.conv, self.k
-        kk, m, c_out, dtype = k * k, x.shape[0], conv.out_channels, x.dtype
-        Wm, _, fold = conv._param_mats()
-        # A private copy even without padding: backward recomputes patches from it.
-        xp, oh, ow = conv._padded(x, copy=True)
-        qh, qw = oh // k, ow // k
-        nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
-        shape = (m, qh * qw, c_out)
-        y = _scratch(self, "y", shape, dtype) if self.reuse_output else np.empty(shape, dtype)
-        # (Kept in eval mode too: a backward after forward(train=False) works, as for the layers.)
-        masks = _scratch(self, "masks", (m * oh * ow * c_out,), np.bool_)
-        z = _scratch(self, "z", (nb * oh * ow, c_out), dtype) if k > 1 else None
-        # Keep every block's patches for backward when they are small, else recompute them.
-        store = m * oh * ow * Wm.shape[0] * x.itemsize <= _STORE_COLS_BYTES
-        cap = m * oh * ow if store else nb * oh * ow
-        for a in range(0, m, nb):  # cache blocking, see the class docstring
-            b = min(a + nb, m)
-            A = conv._cols(xp[a:b], oh, ow, k, fold, cap=cap, row0=a * oh * ow if store else 0)
-            yb = y[a:b].reshape(-1, c_out)
-            zb = yb if k == 1 else z[:A.shape[0]]  # no pool: the GEMM writes the output itself
-            conv._gemm(A, Wm, out=zb)
-            if not fold:
-                zb += conv.b
-            mb = masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out)
-            self._pool_relu(zb.reshape(kk, -1, c_out), yb, mb)
-        self._cache = (x.shape, xp, fold, (oh, ow), nb, masks, store)
-        return y.reshape(m, qh, qw, c_out)
-
-    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray) -> None:
-        """One block: ``zs`` (k*k, rows, c_out) conv output by pool slot -> ``y`` (rows, c_out);
-        ``masks`` (shaped like zs) gets which z pass their gradient on (for average
-        pooling, times 1/(k*k), which backward applies)."""
-        kk = zs.shape[0]
-        if kk == 1:  # ReLU only; zs[0] is y
-            np.greater(y, 0, out=masks[0])
-            np.maximum(y, 0, out=y)
-            return
-        if self.avg:
-            np.maximum(zs, 0, out=zs)
-            np.greater(zs, 0, out=masks)
-            np.add(zs[0], zs[1], out=y)
-            for s in range(2, kk):
-                y += zs[s]
-            np.true_divide(y, kk, out=y)
-            return
-        np.maximum(zs[0], zs[1], out=y)
-        for s in range(2, kk):
-            np.maximum(y, zs[s], out=y)
-        # Slot s takes the window's gradient if z_s equals the max, no earlier
-        # slot took it, and the max is > 0: "taken" starts as (max <= 0).
-        # For bools, a > b is a & ~b.
-        taken = _scratch(self, "taken", y.shape, np.bool_)
-        np.less_equal(y, 0, out=taken)
-        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
-        for s in range(kk):
-            np.greater(masks[s], taken, out=masks[s])
-            if s < kk - 1:
-                np.logical_or(taken, masks[s], out=taken)
-        np.maximum(y, 0, out=y)
-
-    def backward(self, dy):
-        x_shape, xp, fold, (oh, ow), nb, masks, store = self._cache
-        conv, k = self.conv, self.k
-        kk, c_out = k * k, conv.out_channels
-        m, h, w, c = x_shape
-        dtype = xp.dtype
-        dy = dy.reshape(m, -1, c_out)
-        dz = _scratch(self, "dz", (nb * oh * ow, c_out), dtype)
-        dx = None
-        if conv.needs_input_grad:
-            pads = conv.pads(h, w)
-            full = conv._full_corr_ok(pads, h, w, oh, ow)
-            # Reused: within a Model dx only ever goes to the step below's backward.
-            dx = _scratch(self, "dx", x_shape, dtype)
-            if full:
-                dyp, inner = conv._dy_padded(nb, oh, ow, pads)
-            else:
-                d = _scratch(self, "dz_nhwc", (nb, oh, ow, c_out), dtype)
-        for a in range(0, m, nb):  # the forward's blocks
-            b = min(a + nb, m)
-            if store:
-                A = conv._stored_cols(a * oh * ow, (b - a) * oh * ow)
-            else:
-                A = conv._cols(xp[a:b], oh, ow, k, fold, cap=nb * oh * ow)  # recomputed
-            dzb = dz[:A.shape[0]]
-            g = dy[a:b].reshape(-1, c_out)
-            if self.avg:
-                g = g * (1.0 / kk)
-            # g broadcasts over the slot axis, the outermost: contiguous passes.
-            np.multiply(g, masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out),
-                        out=dzb.reshape(kk, -1, c_out))
-            conv._param_grads(A, dzb, fold, accumulate=a > 0)
-            if dx is None:
-                continue
-            n = b - a
-            if full:
-                self._to_nhwc(dzb, inner[:n], n, oh, ow)
-                conv._full_corr(dyp[:n], (n, h, w, c), out=dx[a:b])
-            else:
-                self._to_nhwc(dzb, d[:n], n, oh, ow)
-                dx[a:b] = conv._col2im(d[:n].reshape(-1, c_out), (n, h, w, c), pads, oh, ow)
-        return dx
-
-    def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
-        """Write dz (rows in pool-slot order when k > 1) into the NHWC array ``out``."""
-        k, c_out = self.k, self.conv.out_channels
-        if k == 1:
-            out[...] = dz.reshape(m, oh, ow, c_out)
-            return
-        dzs = dz.reshape(k, k, m, oh // k, ow // k, c_out)
-        for pi in range(k):
-            for pj in range(k):
-                out[:, pi::k, pj::k, :] = dzs[pi, pj]
-
-    def __repr__(self):
-        return "+".join(repr(layer) for layer in self.layers)
-
-
-class _DenseReLU:
-    """Model-internal fusion of ``Dense -> ReLU``: the ReLU runs in place on the
-    Dense output and its mask multiplies dy on the way back."""
-
-    def __init__(self, dense: Dense, relu: ReLU):
-        self.dense, self.relu = dense, relu
-        self.layers = (dense, relu)
-
-    @property
-    def needs_input_grad(self):
-        return self.dense.needs_input_grad
-
-    def forward(self, x, train=True):
-        y = self.dense.forward(x, train)  # a fresh array (so also fine as the logits): ours to change
-        np.maximum(y, 0, out=y)
-        self._y = y
-        return y
-
-    def backward(self, dy):
-        return self.dense.backward(dy * (self._y > 0))
-
-    def __repr__(self):
-        return f"{self.dense!r}+{self.relu!r}"
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .layers import (AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy, _ConvReLU,
-                     _DenseReLU, softmax)
+from .fused import fused_plan
+from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, SoftmaxCrossEntropy, softmax
 
 #: Initialisation schemes, see `Model.init`.
 INITS = ("fan_in_uniform", "he_normal")
@@ -85,9 +85,9 @@ class Model:
                 break
         # What forward/backward actually run: the layers, with conv-relu[-maxpool]
         # and dense-relu runs fused (same numbers, fewer passes over memory; see
-        # dpcnn.layers._ConvReLU). Set `_fuse = False` to run the plain layers.
+        # dpcnn.fused). Set `_fuse = False` to run the plain layers.
         self._fuse = True
-        self._plan = _fused_plan(layers, [tuple(input_shape)] + list(shapes))
+        self._plan = fused_plan(layers, [tuple(input_shape)] + list(shapes))
         self.init(seed, init)
 
     @classmethod
@@ -215,47 +215,6 @@ class Model:
         lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
         lines.append(f"total parameters: {self.num_params:,}")
         return "\n".join(lines)
-
-
-#: Pools fused into the preceding conv + ReLU (k x k windows with stride k that tile
-#: the conv output). The fused max pool makes `small` ~25 % faster; its gradients match
-#: the separate layers' to float rounding (tests/test_fastpaths.py).
-FUSED_POOLS: tuple = (AvgPool2D, MaxPool2D)
-
-
-def _fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
-    """The layers with fusable runs replaced by fused steps.
-
-    ``shapes[i]`` is the input shape of ``layers[i]``. Exact types only: a
-    subclass may change what a layer computes. Every step but the last may hand
-    the next one a reused buffer; the last returns a fresh array (the logits
-    belong to the caller).
-    """
-    plan, i, n = [], 0, len(layers)
-    while i < n:
-        layer, nxt = layers[i], layers[i + 1] if i + 1 < n else None
-        after = layers[i + 2] if i + 2 < n else None
-        if type(layer) is Conv2D and type(nxt) is ReLU:
-            oh, ow, _ = shapes[i + 1]
-            if (type(after) in FUSED_POOLS and after.kernel_size == after.stride > 1
-                    and oh % after.kernel_size == 0 and ow % after.kernel_size == 0):
-                plan.append(_ConvReLU(layer, nxt, after))
-                i += 3
-            else:
-                plan.append(_ConvReLU(layer, nxt))
-                i += 2
-        elif type(layer) is Dense and type(nxt) is ReLU:
-            plan.append(_DenseReLU(layer, nxt))
-            i += 2
-        else:
-            plan.append(layer)
-            i += 1
-    for step in reversed(plan):  # the step whose output becomes the logits (Flatten only reshapes)
-        if hasattr(step, "reuse_output"):
-            step.reuse_output = False
-        if type(step) is not Flatten:
-            break
-    return plan
 
 
 def _spec_str(spec: Mapping) -> str:

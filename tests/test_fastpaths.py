@@ -1,6 +1,6 @@
 """Every fast path against its general/reference path on the same inputs.
 
-The fast paths (dpcnn.layers / dpcnn.model internals) are: the bias folded into
+The fast paths (dpcnn.layers, conv_kernels, fused) are: the bias folded into
 the conv GEMM, the transposed one-channel im2col, reused work buffers, the
 blocked full-correlation conv input gradient and the run-by-run col2im, the
 pooling reshape paths, and the Model's fused steps (conv-relu[-max|avg pool]
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-import dpcnn.layers as L
-from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, _ConvReLU, _DenseReLU
+import dpcnn.conv_kernels as ck
+from dpcnn.conv_kernels import TUNING
+from dpcnn.fused import ConvReLU, DenseReLU
+from dpcnn.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from dpcnn.model import Model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -55,22 +57,22 @@ def assert_passes_close(a, b, rtol=1e-12, atol=1e-12):
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 1, "same"), (5, 1, 2), (3, 2, "same"), (1, 1, "valid"),
                                               (4, 1, "same")])
-def test_one_channel_transposed_im2col_matches_generic(monkeypatch, k, stride, padding):
+def test_one_channel_transposed_im2col_matches_generic(k, stride, padding):
     conv = make_conv(1, 5, k, stride, padding)
     x = RNG.standard_normal((3, 9, 10, 1))
     fast = conv_pass(conv, x)
-    monkeypatch.setattr(L, "_ONE_CHANNEL_T", False)
-    general = conv_pass(conv, x)
+    with TUNING.override(one_channel_t=False):
+        general = conv_pass(conv, x)
     assert_passes_close(fast, general)
 
 
 @pytest.mark.parametrize("cin", [1, 3])
-def test_folded_bias_matches_separate_bias_add(monkeypatch, cin):
+def test_folded_bias_matches_separate_bias_add(cin):
     conv = make_conv(cin, 4, 3)
     x = RNG.standard_normal((2, 7, 6, cin))
     folded = conv_pass(conv, x)
-    monkeypatch.setattr(L, "_FOLD_BIAS", False)
-    plain = conv_pass(conv, x)
+    with TUNING.override(fold_bias=False):
+        plain = conv_pass(conv, x)
     assert_passes_close(folded, plain)
 
 
@@ -83,7 +85,7 @@ def test_folded_bias_through_model_views_matches_standalone_copy():
     inner.b[...] = RNG.standard_normal(3)
     alone = Conv2D(4, 3, 3, dtype=np.float64)
     alone.W[...], alone.b[...] = inner.W, inner.b
-    assert L._adjacent(inner.W, inner.b) and not L._adjacent(alone.W, alone.b)
+    assert ck.adjacent(inner.W, inner.b) and not ck.adjacent(alone.W, alone.b)
     x = RNG.standard_normal((2, 6, 6, 4))
     assert_passes_close(conv_pass(inner, x), conv_pass(alone, x))
 
@@ -95,26 +97,26 @@ def test_conv_input_grad_full_correlation_matches_col2im(k, padding):
     y = conv.forward(x)
     dy = RNG.standard_normal(y.shape)
     pads, (oh, ow) = conv.pads(8, 7), y.shape[1:3]
-    dyp, inner = conv._dy_padded(2, oh, ow, pads)
+    dyp, inner = ck.dy_padded(conv.W, 2, oh, ow, pads, conv.workspace)
     inner[...] = dy
-    dx_fc = conv._full_corr(dyp, x.shape)
-    dx_c2i = conv._col2im(dy.reshape(-1, 4), x.shape, pads, oh, ow)
+    dx_fc = ck.full_corr(dyp, conv.W, x.shape, conv.workspace, TUNING.block_bytes)
+    dx_c2i = ck.col2im(dy.reshape(-1, 4), conv.W, x.shape, 1, pads, oh, ow)
     np.testing.assert_allclose(dx_fc, dx_c2i, rtol=1e-12, atol=1e-12)
     # backward takes one of the two
-    expect = dx_fc if conv._full_corr_ok(pads, 8, 7, oh, ow) else dx_c2i
+    expect = dx_fc if ck.full_corr_ok(k, 1, pads, 8, 7, oh, ow) else dx_c2i
     np.testing.assert_array_equal(conv.backward(dy), expect)
 
 
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 30])
-def test_blocked_full_correlation_matches_col2im(monkeypatch, block_bytes):
+def test_blocked_full_correlation_matches_col2im(block_bytes):
     """Blocks of 1 example, a block size that leaves a remainder block, one block."""
-    monkeypatch.setattr(L, "_BLOCK_BYTES", block_bytes)
     conv = make_conv(2, 3, 3, 1, "same")
     x = RNG.standard_normal((5, 6, 5, 2))
-    y = conv.forward(x)
-    dy = RNG.standard_normal(y.shape)
-    dx = conv.backward(dy)
-    expect = conv._col2im(dy.reshape(-1, 3), x.shape, conv.pads(6, 5), 6, 5)
+    with TUNING.override(block_bytes=block_bytes):
+        y = conv.forward(x)
+        dy = RNG.standard_normal(y.shape)
+        dx = conv.backward(dy)
+    expect = ck.col2im(dy.reshape(-1, 3), conv.W, x.shape, 1, conv.pads(6, 5), 6, 5)
     np.testing.assert_allclose(dx, expect, rtol=1e-12, atol=1e-12)
 
 
@@ -132,7 +134,7 @@ def test_col2im_runs_match_per_offset_scatter(k, stride, padding):
     for i in range(k):  # the reference: one += per kernel offset
         for j in range(k):
             dxp[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += dcols[:, :, :, i, j]
-    np.testing.assert_allclose(conv._col2im(dy.reshape(-1, 4), x.shape, pads, oh, ow),
+    np.testing.assert_allclose(ck.col2im(dy.reshape(-1, 4), conv.W, x.shape, stride, pads, oh, ow),
                                dxp[:, t:t + 11, l:l + 9], rtol=1e-12, atol=1e-12)
 
 
@@ -226,7 +228,7 @@ def test_fused_conv_relu_pool_matches_layers(k, stride, pool, ties, pool_cls):
     dy = RNG.standard_normal(a.shape)
     y_ref, dx_ref = unfused_pass(layers, x, dy)
     dW_ref, db_ref = conv.dW.copy(), conv.db.copy()
-    step = _ConvReLU(conv, relu, layers[2] if pool else None)
+    step = ConvReLU(conv, relu, layers[2] if pool else None)
     y = step.forward(x)
     dx = step.backward(dy)
     np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
@@ -243,7 +245,7 @@ def test_fused_pool_routes_tied_gradient_exactly_like_layers():
     layers = [conv, ReLU(), MaxPool2D(2)]
     dy = RNG.standard_normal((2, 4, 4, 1))
     y_ref, dx_ref = unfused_pass(layers, x, dy)  # dx = the routed gradient times W = 1: no rounding
-    step = _ConvReLU(*layers)
+    step = ConvReLU(*layers)
     np.testing.assert_array_equal(step.forward(x), y_ref)
     np.testing.assert_array_equal(step.backward(dy), dx_ref)
     assert np.count_nonzero(dx_ref) > 0
@@ -257,7 +259,7 @@ def test_fused_dense_relu_matches_layers():
     dy = RNG.standard_normal((4, 5))
     y_ref, dx_ref = unfused_pass([dense, ReLU()], x, dy)
     dW_ref = dense.dW.copy()
-    step = _DenseReLU(dense, ReLU())
+    step = DenseReLU(dense, ReLU())
     np.testing.assert_array_equal(step.forward(x), y_ref)
     np.testing.assert_array_equal(step.backward(dy), dx_ref)
     np.testing.assert_array_equal(dense.dW, dW_ref)
@@ -296,15 +298,15 @@ def test_fused_model_gradients_match_unfused(layers, input_shape):
 
 def test_plan_fuses_what_it_should():
     kinds = [type(s).__name__ for s in Model.from_config(spec("small"))._plan]
-    assert kinds == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
+    assert kinds == ["ConvReLU", "ConvReLU", "Flatten", "DenseReLU", "Dense"]
     lenet = Model.from_config(spec("lenet5"))._plan
-    assert [type(s).__name__ for s in lenet][:2] == ["_ConvReLU", "_ConvReLU"] and lenet[0].avg
+    assert [type(s).__name__ for s in lenet][:2] == ["ConvReLU", "ConvReLU"] and lenet[0].avg
     assert lenet[0].k == 2 and Model.from_config(spec("small"))._plan[0].k == 2
     # 7x7 conv output does not tile by 2: conv+relu fuse, the pool stays a layer.
     odd = Model.from_config([{"type": "conv", "filters": 2, "kernel_size": 3, "padding": "valid"},
                              {"type": "relu"}, {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"},
                              {"type": "dense", "units": 10}], input_shape=(9, 9, 1))
-    assert [type(s).__name__ for s in odd._plan] == ["_ConvReLU", "MaxPool2D", "Flatten", "Dense"]
+    assert [type(s).__name__ for s in odd._plan] == ["ConvReLU", "MaxPool2D", "Flatten", "Dense"]
     assert odd._plan[0].k == 1
 
 
@@ -329,17 +331,16 @@ def test_layer_forward_does_not_write_its_input():
 
 
 @pytest.mark.parametrize("name", ["small", "lenet5", "seed"])
-def test_fused_blocks_and_stored_patches_match_one_block(monkeypatch, name):
+def test_fused_blocks_and_stored_patches_match_one_block(name):
     """Blocks of examples (with a remainder block), stored or recomputed patches: same gradients."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((7, 28, 28, 1))
     y = rng.integers(0, 10, 7)
 
     def grads(block_bytes, store_bytes):
-        monkeypatch.setattr(L, "_FUSED_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(L, "_STORE_COLS_BYTES", store_bytes)
-        model = Model.from_config(spec(name), dtype=np.float64, seed=8)
-        loss, _ = model.loss_and_grads(x, y)
+        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes):
+            model = Model.from_config(spec(name), dtype=np.float64, seed=8)
+            loss, _ = model.loss_and_grads(x, y)
         return loss, model.grads.copy()
 
     one_loss, one = grads(1 << 40, 0)
@@ -351,21 +352,20 @@ def test_fused_blocks_and_stored_patches_match_one_block(monkeypatch, name):
     np.testing.assert_array_equal(grads(200_000, 0)[1], grads(200_000, 1 << 40)[1])
 
 
-def test_inplace_relu_fusion_gives_bitwise_identical_gradients(monkeypatch):
+def test_inplace_relu_fusion_gives_bitwise_identical_gradients():
     """Without pooling and in one block, the fused steps do the unfused arithmetic exactly."""
-    monkeypatch.setattr(L, "_FUSED_BLOCK_BYTES", 1 << 40)
     layers = [{"type": "conv", "filters": 4, "kernel_size": 3}, {"type": "relu"},
               {"type": "conv", "filters": 5, "kernel_size": 3, "stride": 2}, {"type": "relu"},
               {"type": "flatten"}, {"type": "dense", "units": 12}, {"type": "relu"},
               {"type": "dense", "units": 10}]
-    for dtype in (np.float32, np.float64):
-        fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
-        plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
-        plain._fuse = False
-        assert [type(s).__name__ for s in fused._plan] == ["_ConvReLU", "_ConvReLU", "Flatten", "_DenseReLU", "Dense"]
-        x = np.random.default_rng(1).standard_normal((6, 10, 10, 1)).astype(dtype)
-        y = np.arange(6)
-        assert fused.loss_and_grads(x, y) == plain.loss_and_grads(x, y)
-        np.testing.assert_array_equal(fused.grads, plain.grads)
-        np.testing.assert_array_equal(fused.forward(x), plain.forward(x))
-
+    with TUNING.override(fused_block_bytes=1 << 40):
+        for dtype in (np.float32, np.float64):
+            fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
+            plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
+            plain._fuse = False
+            assert [type(s).__name__ for s in fused._plan] == ["ConvReLU", "ConvReLU", "Flatten", "DenseReLU", "Dense"]
+            x = np.random.default_rng(1).standard_normal((6, 10, 10, 1)).astype(dtype)
+            y = np.arange(6)
+            assert fused.loss_and_grads(x, y) == plain.loss_and_grads(x, y)
+            np.testing.assert_array_equal(fused.grads, plain.grads)
+            np.testing.assert_array_equal(fused.forward(x), plain.forward(x))

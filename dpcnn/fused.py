@@ -1,0 +1,260 @@
+"""The Model's fast paths: conv-relu[-pool] and dense-relu run as one fused
+step each, and the plan that puts them in place of the layers.
+
+The fused steps give the same numbers as the layers one by one (up to the
+order of float sums; tests/test_fastpaths.py) and never write their caller's
+arrays. They share the layers' parameter views and the conv layer's workspace,
+and run the convolution through `dpcnn.conv_kernels`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import conv_kernels as ck
+from .conv_kernels import TUNING, Workspace
+from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+
+__all__ = ["ConvReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
+
+
+class ConvReLU:
+    """Model-internal fusion of ``Conv2D -> ReLU [-> MaxPool2D | AvgPool2D]``; the
+    same numbers as the separate layers (up to the order of float sums).
+
+    Not a layer of the model specs: `dpcnn.model.Model` builds these over its own
+    layers (sharing their parameter views) where the pattern occurs, and owns
+    every array passed between them. What the fusion saves:
+
+    * Blocks of examples: im2col, GEMM, pooling and ReLU of one block run while
+      its patch matrix is still in cache, and only 1-byte masks are kept for
+      backward (not the conv output). Backward recomputes each block's patches
+      (a cheap copy) instead of reading back a multi-megabyte patch matrix,
+      unless the whole matrix is small (``TUNING.store_cols_bytes``). A block is
+      about ``TUNING.fused_block_bytes`` of patch and output rows: a loop of a
+      few iterations for cache blocking, not a loop over examples.
+    * With a ``k x k``/``k`` pool that tiles the conv output, a block's im2col
+      rows are ordered pool slot by pool slot (`conv_kernels.patch_view`), so
+      pooling is k*k - 1 elementwise ops on contiguous blocks, and its backward
+      one multiply by the stored masks, never the strided passes (inner loop =
+      c_out floats) of a separate pool layer.
+    * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
+      smaller) array. The stored mask of slot s is "z_s is the window's first
+      maximum and that maximum is > 0", the product of the max-pool routing and
+      the ReLU mask of the unfused layers (if the maximum is <= 0, relu(z) ties
+      at 0 and the unfused ReLU backward zeroes the gradient anyway).
+    """
+
+    def __init__(self, conv: Conv2D, relu: ReLU, pool: MaxPool2D | AvgPool2D | None = None):
+        self.conv, self.relu, self.pool = conv, relu, pool
+        self.k = pool.kernel_size if pool is not None else 1
+        self.avg = isinstance(pool, AvgPool2D)
+        #: The Model sets this False on its last step: the output is then a fresh array.
+        self.reuse_output = True
+        self.layers = (conv, relu) if pool is None else (conv, relu, pool)
+        self.workspace = Workspace()
+
+    @property
+    def needs_input_grad(self):
+        return self.conv.needs_input_grad
+
+    def _block(self, m: int, oh: int, ow: int, K: int, itemsize: int) -> int:
+        """Examples per block: about ``TUNING.fused_block_bytes`` of patch and output rows."""
+        per_example = oh * ow * (K + self.conv.out_channels) * itemsize
+        nb = max(1, min(m, TUNING.fused_block_bytes // per_example))
+        return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
+
+    def forward(self, x, train=True):
+        conv, k = self.conv, self.k
+        kk, c_out, dtype = k * k, conv.out_channels, x.dtype
+        m, h, w, _ = x.shape
+        oh, ow, _ = conv.output_shape(x.shape[1:])
+        fold = TUNING.fold_bias
+        Wm = ck.filter_matrix(conv.W, conv.b, fold)
+        # A private copy even without padding: backward recomputes patches from it.
+        xp = ck.pad(x, conv.pads(h, w), conv.workspace, copy=True)
+        qh, qw = oh // k, ow // k
+        nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
+        shape = (m, qh * qw, c_out)
+        y = self.workspace.get("y", shape, dtype) if self.reuse_output else np.empty(shape, dtype)
+        # (Kept in eval mode too: a backward after forward(train=False) works, as for the layers.)
+        masks = self.workspace.get("masks", (m * oh * ow * c_out,), np.bool_)
+        z = self.workspace.get("z", (nb * oh * ow, c_out), dtype) if k > 1 else None
+        # Keep every block's patches for backward when they are small, else recompute them.
+        store = m * oh * ow * Wm.shape[0] * x.itemsize <= TUNING.store_cols_bytes
+        cap = m * oh * ow if store else nb * oh * ow
+        for a in range(0, m, nb):  # cache blocking, see the class docstring
+            b = min(a + nb, m)
+            A = self._patches(xp[a:b], oh, ow, fold, cap, row0=a * oh * ow if store else 0)
+            yb = y[a:b].reshape(-1, c_out)
+            zb = yb if k == 1 else z[:A.shape[0]]  # no pool: the GEMM writes the output itself
+            ck.gemm(A, Wm, out=zb)
+            if not fold:
+                zb += conv.b
+            mb = masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out)
+            self._pool_relu(zb.reshape(kk, -1, c_out), yb, mb)
+        self._cache = (x.shape, xp, fold, (oh, ow), nb, masks, store)
+        return y.reshape(m, qh, qw, c_out)
+
+    def _patches(self, xp: np.ndarray, oh: int, ow: int, fold: bool, cap: int, row0: int = 0) -> np.ndarray:
+        """The patch matrix ``(n*oh*ow, K [+ 1])`` of the padded block xp
+        ``(n, hp, wp, c_in)``, rows in pool-slot order when a pool follows
+        (`conv_kernels.im2col` into the conv's workspace)."""
+        conv = self.conv
+        return ck.im2col(xp, conv.kernel_size, conv.stride, oh, ow, conv.workspace, self.k, fold,
+                         conv.transposed_cols, cap, row0)
+
+    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray) -> None:
+        """One block: ``zs`` (k*k, rows, c_out) conv output by pool slot -> ``y`` (rows, c_out);
+        ``masks`` (shaped like zs) gets which z pass their gradient on (for average
+        pooling, times 1/(k*k), which backward applies)."""
+        kk = zs.shape[0]
+        if kk == 1:  # ReLU only; zs[0] is y
+            np.greater(y, 0, out=masks[0])
+            np.maximum(y, 0, out=y)
+            return
+        if self.avg:
+            np.maximum(zs, 0, out=zs)
+            np.greater(zs, 0, out=masks)
+            np.add(zs[0], zs[1], out=y)
+            for s in range(2, kk):
+                y += zs[s]
+            np.true_divide(y, kk, out=y)
+            return
+        np.maximum(zs[0], zs[1], out=y)
+        for s in range(2, kk):
+            np.maximum(y, zs[s], out=y)
+        # Slot s takes the window's gradient if z_s equals the max, no earlier
+        # slot took it, and the max is > 0: "taken" starts as (max <= 0).
+        # For bools, a > b is a & ~b.
+        taken = self.workspace.get("taken", y.shape, np.bool_)
+        np.less_equal(y, 0, out=taken)
+        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
+        for s in range(kk):
+            np.greater(masks[s], taken, out=masks[s])
+            if s < kk - 1:
+                np.logical_or(taken, masks[s], out=taken)
+        np.maximum(y, 0, out=y)
+
+    def backward(self, dy):
+        x_shape, xp, fold, (oh, ow), nb, masks, store = self._cache
+        conv, k = self.conv, self.k
+        kk, c_out = k * k, conv.out_channels
+        m, h, w, c = x_shape
+        dtype = xp.dtype
+        dy = dy.reshape(m, -1, c_out)
+        dz = self.workspace.get("dz", (nb * oh * ow, c_out), dtype)
+        dx = None
+        if conv.needs_input_grad:
+            pads = conv.pads(h, w)
+            full = ck.full_corr_ok(conv.kernel_size, conv.stride, pads, h, w, oh, ow)
+            # Reused: within a Model dx only ever goes to the step below's backward.
+            dx = self.workspace.get("dx", x_shape, dtype)
+            if full:
+                dyp, inner = ck.dy_padded(conv.W, nb, oh, ow, pads, conv.workspace)
+            else:
+                d = self.workspace.get("dz_nhwc", (nb, oh, ow, c_out), dtype)
+        for a in range(0, m, nb):  # the forward's blocks
+            b = min(a + nb, m)
+            if store:
+                A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * oh * ow, (b - a) * oh * ow)
+            else:
+                A = self._patches(xp[a:b], oh, ow, fold, cap=nb * oh * ow)  # recomputed
+            dzb = dz[:A.shape[0]]
+            g = dy[a:b].reshape(-1, c_out)
+            if self.avg:
+                g = g * (1.0 / kk)
+            # g broadcasts over the slot axis, the outermost: contiguous passes.
+            np.multiply(g, masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out),
+                        out=dzb.reshape(kk, -1, c_out))
+            ck.param_grads(A, dzb, conv.dW, conv.db, fold, conv.workspace, accumulate=a > 0)
+            if dx is None:
+                continue
+            n = b - a
+            if full:
+                self._to_nhwc(dzb, inner[:n], n, oh, ow)
+                ck.full_corr(dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=dx[a:b])
+            else:
+                self._to_nhwc(dzb, d[:n], n, oh, ow)
+                dx[a:b] = ck.col2im(d[:n].reshape(-1, c_out), conv.W, (n, h, w, c), conv.stride, pads, oh, ow)
+        return dx
+
+    def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
+        """Write dz (rows in pool-slot order when k > 1) into the NHWC array ``out``."""
+        k, c_out = self.k, self.conv.out_channels
+        if k == 1:
+            out[...] = dz.reshape(m, oh, ow, c_out)
+            return
+        dzs = dz.reshape(k, k, m, oh // k, ow // k, c_out)
+        for pi in range(k):
+            for pj in range(k):
+                out[:, pi::k, pj::k, :] = dzs[pi, pj]
+
+    def __repr__(self):
+        return "+".join(repr(layer) for layer in self.layers)
+
+
+class DenseReLU:
+    """Model-internal fusion of ``Dense -> ReLU``: the ReLU runs in place on the
+    Dense output and its mask multiplies dy on the way back."""
+
+    def __init__(self, dense: Dense, relu: ReLU):
+        self.dense, self.relu = dense, relu
+        self.layers = (dense, relu)
+
+    @property
+    def needs_input_grad(self):
+        return self.dense.needs_input_grad
+
+    def forward(self, x, train=True):
+        y = self.dense.forward(x, train)  # a fresh array (so also fine as the logits): ours to change
+        np.maximum(y, 0, out=y)
+        self._y = y
+        return y
+
+    def backward(self, dy):
+        return self.dense.backward(dy * (self._y > 0))
+
+    def __repr__(self):
+        return f"{self.dense!r}+{self.relu!r}"
+
+
+#: Pools fused into the preceding conv + ReLU (k x k windows with stride k that tile
+#: the conv output). The fused max pool makes `small` ~25 % faster; its gradients match
+#: the separate layers' to float rounding (tests/test_fastpaths.py).
+FUSED_POOLS: tuple = (AvgPool2D, MaxPool2D)
+
+
+def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
+    """The layers with fusable runs replaced by fused steps.
+
+    ``shapes[i]`` is the input shape of ``layers[i]``. Exact types only: a
+    subclass may change what a layer computes. Every step but the last may hand
+    the next one a reused buffer; the last returns a fresh array (the logits
+    belong to the caller).
+    """
+    plan, i, n = [], 0, len(layers)
+    while i < n:
+        layer, nxt = layers[i], layers[i + 1] if i + 1 < n else None
+        after = layers[i + 2] if i + 2 < n else None
+        if type(layer) is Conv2D and type(nxt) is ReLU:
+            oh, ow, _ = shapes[i + 1]
+            if (type(after) in FUSED_POOLS and after.kernel_size == after.stride > 1
+                    and oh % after.kernel_size == 0 and ow % after.kernel_size == 0):
+                plan.append(ConvReLU(layer, nxt, after))
+                i += 3
+            else:
+                plan.append(ConvReLU(layer, nxt))
+                i += 2
+        elif type(layer) is Dense and type(nxt) is ReLU:
+            plan.append(DenseReLU(layer, nxt))
+            i += 2
+        else:
+            plan.append(layer)
+            i += 1
+    for step in reversed(plan):  # the step whose output becomes the logits (Flatten only reshapes)
+        if hasattr(step, "reuse_output"):
+            step.reuse_output = False
+        if type(step) is not Flatten:
+            break
+    return plan
