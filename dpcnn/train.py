@@ -32,7 +32,7 @@ from . import config, faults, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
 from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
-from .metrics import EpochStats, end_epoch
+from .evaluate import EpochStats, end_epoch
 from .model import Model
 from .optim import make_optimizer, make_schedule
 from .outputs import RootOutputs

@@ -109,7 +109,7 @@ def test_resume_not_strict_restarts_the_interrupted_epoch_and_says_so(workdir):
     run_dir = workdir / "run"
     check_ok(run_train(2, "model=tiny", "trainer.max_steps=40", "tracking=none", QUIET, f"hydra.run.dir={run_dir}",
                        cwd=workdir, timeout=120))
-    check_ok(run_train(2, "model=tiny", "trainer.batch_size=128", "trainer.epochs=1", "trainer.resume=auto",
+    check_ok(run_train(2, "model=tiny", "trainer.batch_size=128", "trainer.epochs=2", "trainer.resume=auto",
                        "trainer.resume_strict=false", "tracking=none", QUIET, f"hydra.run.dir={run_dir}",
                        cwd=workdir, timeout=120))
     assert "epoch 1 starts again from its first image" in (run_dir / "train.log").read_text()
@@ -214,4 +214,5 @@ def test_sigterm_during_the_end_phase_still_finishes_the_record(workdir):
     assert proc.returncode == 0, err[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("endsig").experiment_id])
     assert run.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model", "checkpoints"}
+    assert "checkpoints" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    (model,) = client.search_logged_models([run.info.experiment_id])  # the model was logged, once
