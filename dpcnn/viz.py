@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .cli import download_run_checkpoint, parse_kv
+from .data import load_data
+from .errors import DpcnnError
 from .layers import AvgPool2D, Conv2D, MaxPool2D, ReLU
 
 DPI = 80
@@ -352,65 +357,11 @@ def render_report(model, x: np.ndarray, y: np.ndarray, out_dir: str | Path, *, h
 USAGE = __doc__[__doc__.index("Command line"):]
 
 
-def parse_kv(argv: Sequence[str], allowed: Sequence[str], usage: str) -> dict[str, str]:
-    """``key=value`` arguments (Hydra style) -> dict; ``-h``/``--help`` prints ``usage``."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage)
-        raise SystemExit(0)
-    out: dict[str, str] = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in allowed:
-            raise SystemExit(f"error: unexpected argument {a!r}; use key=value with key one of "
-                             f"{', '.join(allowed)} (see --help)")
-        out[key] = value
-    return out
-
-
-def load_checkpoint_for_viz(path: str | Path):
-    """(model, spec, config dict, history) from a training checkpoint."""
-    import yaml
-
-    from . import checkpoint
-    from .errors import DpcnnError
-    from .serving import build_model, spec_from_config
-
-    path = Path(path)
-    if not (path.is_file() or (path / checkpoint.LAST).is_file()):
-        raise DpcnnError(f"{path}: no such checkpoint; give a checkpoints/last.npz or step-*.npz of a dpcnn run")
-    ckpt = checkpoint.load(path)
-    cfg = yaml.safe_load(ckpt.meta.get("config") or "{}")
-    if not cfg.get("model") or not cfg.get("data"):
-        raise DpcnnError(f"{path} holds no training config; was it written by dpcnn.train?")
-    spec = spec_from_config(cfg, num_params=int(ckpt.params.size))
-    return build_model(spec, ckpt.params), spec, cfg, ckpt.meta.get("history") or []
-
-
-def download_run_checkpoint(run_id: str, tracking_uri: str | None, dst: str | Path) -> Path:
-    """The run's logged ``checkpoints/last.npz``."""
-    import mlflow.artifacts
-
-    from .errors import DpcnnError
-    from .tracking import existing_store
-
-    uri = existing_store(tracking_uri)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.npz",
-                                                        dst_path=str(dst), tracking_uri=uri))
-    except Exception as e:  # noqa: BLE001 - no such run, no checkpoint logged, server down: one line
-        raise DpcnnError(f"cannot get checkpoints/last.npz of run {run_id} from {uri}: "
-                         f"{str(e).splitlines()[0][:300]}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
+    # Here, not at the top: serving imports mlflow.pyfunc (seconds), and train and the sweep import viz.
+    from .serving import load_checkpoint
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import tempfile
-
-    from .data import load_data
-    from .errors import DpcnnError
-
     args = parse_kv(sys.argv[1:] if argv is None else argv,
                     ("run_id", "checkpoint", "out", "images", "tracking_uri", "data_root"), USAGE)
     if ("run_id" in args) == ("checkpoint" in args):
@@ -424,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = Path(args["checkpoint"])
                 default_out = Path("viz") / (path.parent.parent.name if path.parent.name == "checkpoints"
                                              else path.stem)
-            model, spec, cfg, history = load_checkpoint_for_viz(path)
+            model, spec, cfg, history = load_checkpoint(path)
         data_cfg = dict(cfg["data"])
         if args.get("data_root"):
             data_cfg["root"] = args["data_root"]
