@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import parse_kv
-from .data import read_idx
 from .errors import DpcnnError
+from .idx import read_idx
 from .tracking import default_uri, existing_store
 
 KEYS = ("model", "images", "labels", "limit", "tracking_uri", "invert", "top")
