@@ -24,7 +24,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from dpcnn.data import DATASETS, _to_float, ensure_files, load_dataset, read_idx  # noqa: E402
+from dpcnn.data import DATASETS, _to_float, load_dataset  # noqa: E402
+from dpcnn.idx import ensure_files, read_idx  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> tuple[float, object]:

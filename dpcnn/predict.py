@@ -23,14 +23,17 @@ Output: one line per image, ``<source>  <predicted class>  <probability>``
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .cli import parse_kv
 from .errors import DpcnnError
-from .viz import parse_kv
+from .idx import read_idx
+from .tracking import default_uri, existing_store
 
 KEYS = ("model", "images", "labels", "limit", "tracking_uri", "invert", "top")
 
@@ -71,8 +74,6 @@ def load_images(paths: Sequence[Path], shape: tuple[int, int, int], invert: str 
 
     One IDX file, or any number of PNGs (each one image).
     """
-    from .data import read_idx
-
     h, w, c = shape
     first = paths[0]
     if len(paths) == 1 and first.suffix.lower() != ".png":
@@ -106,16 +107,14 @@ class Predictor:
     def __init__(self, uri: str, tracking_uri: str | None = None):
         path = Path(uri)
         if path.suffix == ".npz" or (path.is_dir() and (path / "last.npz").is_file()):
-            from .viz import load_checkpoint_for_viz
+            from .serving import load_checkpoint  # as mlflow: serving imports mlflow.pyfunc (seconds)
 
-            self.model, self.spec, _, _ = load_checkpoint_for_viz(path)
+            self.model, self.spec, _, _ = load_checkpoint(path)
             self._pyfunc = None
             self.input_shape = tuple(self.spec["input_shape"])
             self.class_names = self.spec["class_names"]
             return
         import mlflow.pyfunc
-
-        from .tracking import default_uri, existing_store
 
         # A local model folder needs no store; runs:/ and models:/ need an existing one.
         mlflow.set_tracking_uri((tracking_uri or default_uri()) if path.exists() else existing_store(tracking_uri))
@@ -145,8 +144,6 @@ class Predictor:
 # ------------------------------------------------------------------ command line
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse_kv(sys.argv[1:] if argv is None else argv, KEYS, __doc__)
     missing = [k for k in ("model", "images") if not args.get(k)]
@@ -166,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         images, sources, inverted = load_images(paths, predictor.input_shape, invert)
         labels = None
         if args.get("labels"):
-            from .data import read_idx
-
             labels = np.asarray(read_idx(args["labels"]), np.int64)
             if len(labels) != len(images):
                 raise DpcnnError(f"{args['labels']}: {len(labels)} labels for {len(images)} images")

@@ -1,5 +1,8 @@
 """The trained network as an MLflow pyfunc model, with nothing pickled.
 
+``load_checkpoint`` turns a training checkpoint into (model, spec, config,
+history): what ``dpcnn.predict`` and ``dpcnn.viz`` load a ``.npz`` with.
+
 A logged model is three plain files plus MLflow's own:
 
 * ``weights.npz``  the flat parameter buffer (read with ``allow_pickle=False``);
@@ -36,9 +39,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from . import __version__
+from . import __version__, checkpoint
+from .data import get_spec
 from .errors import DpcnnError
+from .model import Model
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "weights.npz"
 SPEC_FORMAT = 1
@@ -81,8 +87,6 @@ def model_spec(layers: Sequence[Mapping], input_shape, num_classes: int, *, mean
 
 def spec_from_config(cfg: Mapping, num_params: int | None = None) -> dict:
     """The spec of a training run from its composed config (as in a checkpoint's ``meta["config"]``)."""
-    from .data import get_spec
-
     data = get_spec(cfg["data"])
     normalize = bool(cfg["data"].get("normalize", True))
     mean, std = (float(cfg["data"].get("mean") or data.mean), float(cfg["data"].get("std") or data.std)) \
@@ -94,8 +98,6 @@ def spec_from_config(cfg: Mapping, num_params: int | None = None) -> dict:
 
 def build_model(spec: Mapping, params: np.ndarray | None = None):
     """A `dpcnn.model.Model` from a spec, with ``params`` copied into it when given."""
-    from .model import Model
-
     model = Model.from_config(spec["layers"], input_shape=tuple(spec["input_shape"]),
                               num_classes=int(spec["num_classes"]), dtype=np.dtype(spec.get("dtype", "float32")))
     if params is not None:
@@ -125,6 +127,19 @@ def load_model_files(weights: str | Path, spec: str | Path):
     with np.load(weights, allow_pickle=False) as z:
         params = z["params"]
     return build_model(spec_d, params), spec_d
+
+
+def load_checkpoint(path: str | Path):
+    """(model, spec, config dict, history) from a training checkpoint."""
+    path = Path(path)
+    if not (path.is_file() or (path / checkpoint.LAST).is_file()):
+        raise DpcnnError(f"{path}: no such checkpoint; give a checkpoints/last.npz or step-*.npz of a dpcnn run")
+    ckpt = checkpoint.load(path)
+    cfg = yaml.safe_load(ckpt.meta.get("config") or "{}")
+    if not cfg.get("model") or not cfg.get("data"):
+        raise DpcnnError(f"{path} holds no training config; was it written by dpcnn.train?")
+    spec = spec_from_config(cfg, num_params=int(ckpt.params.size))
+    return build_model(spec, ckpt.params), spec, cfg, ckpt.meta.get("history") or []
 
 
 # ------------------------------------------------------------------ inputs

@@ -6,8 +6,8 @@
 * ``plot_activations``   what every conv (after its ReLU) and pooling layer
                          makes of one image: the seed post's promised view
 * ``plot_misclassified`` the test images the network gets wrong, most confident first
-* ``per_class_metrics``  precision, recall, F1 and support per class
-* ``render_report``      all of the above into one folder (what a finished run logs)
+* ``render_report``      all of the above into one folder (what a finished run logs),
+                         plus the per-class table (``dpcnn.metrics``) as CSV
 
 Figures are drawn on ``matplotlib.figure.Figure`` with no pyplot, so nothing
 here touches matplotlib's global backend or leaks figures.
@@ -23,15 +23,20 @@ dataset>`` (default: the run's ``data.root``, then ``$DPCNN_DATA_DIR``).
 
 from __future__ import annotations
 
-import csv
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .layers import AvgPool2D, Conv2D, MaxPool2D, ReLU
+from .cli import download_run_checkpoint, parse_kv
+from .data import load_data
+from .errors import DpcnnError
+from .layers import Conv2D
+from .metrics import confusion_matrix, layer_activations, per_class_metrics, to_display, write_csv
 
 DPI = 80
 
@@ -48,70 +53,6 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
-
-
-# ------------------------------------------------------------------ numbers
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``cm[t, p]`` = number of examples of class t predicted as p, int64 ``(k, k)``."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
-
-
-def per_class_metrics(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, list]:
-    """Columns ``class, precision, recall, f1, support`` (0 where a ratio has no denominator)."""
-    k = cm.shape[0]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
-    return {"class": names, "precision": [round(float(v), 4) for v in precision],
-            "recall": [round(float(v), 4) for v in recall], "f1": [round(float(v), 4) for v in f1],
-            "support": [int(v) for v in support]}
-
-
-def write_csv(table: Mapping[str, list], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(list(table))
-        w.writerows(zip(*table.values()))
-    return path
-
-
-def layer_activations(model, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """``[(label, activations (m, h, w, c))]`` for every conv and pooling layer, for inputs ``x``.
-
-    Runs the model's plain layers one by one (not the fused plan training uses),
-    so every intermediate exists. A conv directly followed by a ReLU is shown
-    after the ReLU, as "conv 0 + relu": what the next layer actually receives.
-    """
-    out, layers = [], model.layers
-    h = np.asarray(x, model.dtype)
-    for i, layer in enumerate(layers):
-        h = np.array(layer.forward(h, train=False), copy=True)  # layers may reuse their output buffers
-        if isinstance(layer, Conv2D):
-            if i + 1 < len(layers) and isinstance(layers[i + 1], ReLU):
-                continue  # shown after its ReLU
-            out.append((f"layer {i}: conv {layer.kernel_size}x{layer.kernel_size}", h))
-        elif isinstance(layer, ReLU) and i > 0 and isinstance(layers[i - 1], Conv2D):
-            conv = layers[i - 1]
-            out.append((f"layers {i - 1}-{i}: conv {conv.kernel_size}x{conv.kernel_size} + relu", h))
-        elif isinstance(layer, (MaxPool2D, AvgPool2D)):
-            kind = "max" if isinstance(layer, MaxPool2D) else "avg"
-            out.append((f"layer {i}: {kind}pool {layer.kernel_size}x{layer.kernel_size}", h))
-    return out
-
-
-def to_display(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-    """Normalised network inputs back to [0, 1] pixels, ``(m, h, w)`` for one channel."""
-    img = np.clip(np.asarray(x, np.float32) * np.float32(std) + np.float32(mean), 0, 1)
-    return img[..., 0] if img.shape[-1] == 1 else img
 
 
 # ------------------------------------------------------------------ figures
@@ -352,65 +293,11 @@ def render_report(model, x: np.ndarray, y: np.ndarray, out_dir: str | Path, *, h
 USAGE = __doc__[__doc__.index("Command line"):]
 
 
-def parse_kv(argv: Sequence[str], allowed: Sequence[str], usage: str) -> dict[str, str]:
-    """``key=value`` arguments (Hydra style) -> dict; ``-h``/``--help`` prints ``usage``."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage)
-        raise SystemExit(0)
-    out: dict[str, str] = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in allowed:
-            raise SystemExit(f"error: unexpected argument {a!r}; use key=value with key one of "
-                             f"{', '.join(allowed)} (see --help)")
-        out[key] = value
-    return out
-
-
-def load_checkpoint_for_viz(path: str | Path):
-    """(model, spec, config dict, history) from a training checkpoint."""
-    import yaml
-
-    from . import checkpoint
-    from .errors import DpcnnError
-    from .serving import build_model, spec_from_config
-
-    path = Path(path)
-    if not (path.is_file() or (path / checkpoint.LAST).is_file()):
-        raise DpcnnError(f"{path}: no such checkpoint; give a checkpoints/last.npz or step-*.npz of a dpcnn run")
-    ckpt = checkpoint.load(path)
-    cfg = yaml.safe_load(ckpt.meta.get("config") or "{}")
-    if not cfg.get("model") or not cfg.get("data"):
-        raise DpcnnError(f"{path} holds no training config; was it written by dpcnn.train?")
-    spec = spec_from_config(cfg, num_params=int(ckpt.params.size))
-    return build_model(spec, ckpt.params), spec, cfg, ckpt.meta.get("history") or []
-
-
-def download_run_checkpoint(run_id: str, tracking_uri: str | None, dst: str | Path) -> Path:
-    """The run's logged ``checkpoints/last.npz``."""
-    import mlflow.artifacts
-
-    from .errors import DpcnnError
-    from .tracking import existing_store
-
-    uri = existing_store(tracking_uri)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.npz",
-                                                        dst_path=str(dst), tracking_uri=uri))
-    except Exception as e:  # noqa: BLE001 - no such run, no checkpoint logged, server down: one line
-        raise DpcnnError(f"cannot get checkpoints/last.npz of run {run_id} from {uri}: "
-                         f"{str(e).splitlines()[0][:300]}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
+    # Here, not at the top: serving imports mlflow.pyfunc (seconds), and train and the sweep import viz.
+    from .serving import load_checkpoint
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import tempfile
-
-    from .data import load_data
-    from .errors import DpcnnError
-
     args = parse_kv(sys.argv[1:] if argv is None else argv,
                     ("run_id", "checkpoint", "out", "images", "tracking_uri", "data_root"), USAGE)
     if ("run_id" in args) == ("checkpoint" in args):
@@ -424,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = Path(args["checkpoint"])
                 default_out = Path("viz") / (path.parent.parent.name if path.parent.name == "checkpoints"
                                              else path.stem)
-            model, spec, cfg, history = load_checkpoint_for_viz(path)
+            model, spec, cfg, history = load_checkpoint(path)
         data_cfg = dict(cfg["data"])
         if args.get("data_root"):
             data_cfg["root"] = args["data_root"]

@@ -1,4 +1,4 @@
-"""dpcnn.data: IDX reading, the real datasets in ../shared/data, loading, sampler, augmentation."""
+"""dpcnn.idx and dpcnn.data: IDX reading, the real datasets in ../shared/data, loading, sampler, augmentation."""
 
 import gzip
 import hashlib
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcnn.data import (DATASETS, FILE_KEYS, EpochSampler, ensure_files, find_files, get_spec,
-                        load_data, load_dataset, random_shift, read_idx, resolve_root, shift_offsets,
+from dpcnn.data import (DATASETS, EpochSampler, get_spec, load_data, load_dataset, random_shift, shift_offsets,
                         split_indices)
 from dpcnn.errors import DataError
+from dpcnn.idx import FILE_KEYS, ensure_files, find_files, read_idx, resolve_root
 
 SHARED = Path(os.environ.get("DPCNN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 

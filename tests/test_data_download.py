@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpcnn.data import DATASETS, DatasetSpec, ensure_files, load_dataset
+from dpcnn.data import DATASETS, load_dataset
 from dpcnn.errors import DataError
+from dpcnn.idx import DatasetSpec, ensure_files
 
 SHARED = Path(os.environ.get("DPCNN_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 MNIST5K = SHARED / "mnist-5k"

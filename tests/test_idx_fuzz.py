@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dpcnn.data import read_idx
 from dpcnn.errors import DataError
+from dpcnn.idx import read_idx
 
 DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _DIR = Path(tempfile.mkdtemp(prefix="dpcnn-idx-fuzz-"))  # hypothesis reruns the body; no per-test fixture

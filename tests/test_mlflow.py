@@ -22,7 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dpcnn import checkpoint
-from dpcnn.data import load_dataset, read_idx
+from dpcnn.data import load_dataset
+from dpcnn.idx import read_idx
 from dpcnn.serving import build_model, normalise, spec_from_config
 from dpcnn.tracking import MlflowTracker, array_digest
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dpcnn import viz
+from dpcnn import metrics, viz
 from dpcnn.errors import DpcnnError
 from dpcnn.predict import load_images
 from dpcnn.serving import (DpcnnPyfunc, build_model, load_model_files, model_spec, normalise, predict_proba,
@@ -25,9 +25,9 @@ def spec_of(name: str) -> dict:
 
 
 def test_confusion_matrix_and_per_class_metrics():
-    cm = viz.confusion_matrix([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
+    cm = metrics.confusion_matrix([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
     assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
-    table = viz.per_class_metrics(cm, ["a", "b", "c"])
+    table = metrics.per_class_metrics(cm, ["a", "b", "c"])
     assert table["precision"] == [0.5, 0.6667, 0.0]  # class c is never predicted: 0, not NaN
     assert table["recall"] == [0.5, 1.0, 0.0]
     assert table["f1"] == [0.5, 0.8, 0.0]
@@ -38,7 +38,7 @@ def test_layer_activations_follow_the_network():
     model = build_model(spec_of("small"))
     x = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype(np.float32)
     logits = model.forward(x, train=False).copy()
-    acts = viz.layer_activations(model, x)
+    acts = metrics.layer_activations(model, x)
     assert [label for label, _ in acts] == ["layers 0-1: conv 3x3 + relu", "layer 2: maxpool 2x2",
                                             "layers 3-4: conv 3x3 + relu", "layer 5: maxpool 2x2"]
     assert [a.shape for _, a in acts] == [(3, 28, 28, 16), (3, 14, 14, 16), (3, 14, 14, 32), (3, 7, 7, 32)]
