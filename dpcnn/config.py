@@ -85,6 +85,9 @@ class TrainerConf:
     resume_strict: bool = True
     checkpoint_every: Optional[int] = None
     micro_batch: Optional[int] = None
+    stall_warning: Optional[float] = 60.0        # s a collective waits before the missing ranks are named
+    collective_timeout: Optional[float] = 600.0  # s the step's collective may wait; then the job ends (exit 1)
+    setup_timeout: Optional[float] = 1800.0      # the same for set-up, data, evaluation, checkpoints, the end
 
 
 @dataclass
@@ -125,6 +128,8 @@ _RANGES = {
     "trainer.batch_size": (1, True, False, 64), "trainer.eval_batch_size": (1, True, False, 1000),
     "trainer.log_every": (1, True, False, 10), "trainer.keep_last": (0, True, False, 1),
     "trainer.checkpoint_every": (1, True, True, 500), "trainer.micro_batch": (1, True, True, 16),
+    "trainer.stall_warning": (0, False, True, 60), "trainer.collective_timeout": (0, False, True, 600),
+    "trainer.setup_timeout": (0, False, True, 1800),
     "optimizer.lr": (0, False, False, 0.05), "optimizer.momentum": (0, True, False, 0.9),
     "optimizer.weight_decay": (0, True, False, 5e-4), "optimizer.warmup_steps": (0, True, False, 100),
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),

@@ -16,7 +16,7 @@ import traceback
 import numpy as np
 from mpi4py import MPI
 
-from . import errors
+from . import errors, watchdog
 
 _MPI_DTYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
 
@@ -46,6 +46,9 @@ class Dist:
         policy = os.environ.get("DPCNN_MPI_WAIT", "auto")
         self.polite_wait = policy in ("yield", "sleep") or (policy == "auto" and self.oversubscribed)
         self._sleep = policy == "sleep"
+        # Every collective below is watched: a rank that stops arriving is named, and past a limit
+        # the job ends instead of waiting forever (dpcnn.watchdog).
+        self.watchdog = watchdog.get(self.comm)
 
     def pin_blas_threads(self) -> int:
         """Give each rank its share of this host's cores for BLAS (at least one thread).
@@ -63,35 +66,43 @@ class Dist:
         return threads
 
     # --- the step ---------------------------------------------------------
-    def allreduce_sum_(self, buf: np.ndarray) -> None:
+    def allreduce_sum_(self, buf: np.ndarray, what: str = "step") -> None:
         """In-place SUM over ranks of a contiguous float buffer (the step's one collective)."""
         if self.size == 1:
             return
         mpi_type = _MPI_DTYPES[buf.dtype]
-        if not self.polite_wait:
-            self.comm.Allreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
-            return
-        req = self.comm.Iallreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
-        while not req.Test():
-            if self._sleep:
-                time.sleep(20e-6)
-            else:
-                os.sched_yield()  # give the core to a rank that is still computing
+        with self.watchdog.watch(what):
+            if not self.polite_wait:
+                self.comm.Allreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
+                return
+            req = self.comm.Iallreduce(MPI.IN_PLACE, [buf, mpi_type], op=MPI.SUM)
+            while not req.Test():
+                if self._sleep:
+                    time.sleep(20e-6)
+                else:
+                    os.sched_yield()  # give the core to a rank that is still computing
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's copy."""
         if self.size > 1:
-            self.comm.Bcast([buf, _MPI_DTYPES.get(buf.dtype, MPI.BYTE)], root=root)
+            with self.watchdog.watch("set-up"):
+                self.comm.Bcast([buf, _MPI_DTYPES.get(buf.dtype, MPI.BYTE)], root=root)
 
     # --- small agreements ------------------------------------------------------
-    def bcast(self, obj, root: int = 0):
+    def bcast(self, obj, root: int = 0, what: str = "set-up"):
         """Root's Python object on every rank (small things only: strings, dicts)."""
-        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
+        if self.size == 1:
+            return obj
+        with self.watchdog.watch(what):
+            return self.comm.bcast(obj, root=root)
 
-    def allgather(self, obj) -> list:
-        return self.comm.allgather(obj) if self.size > 1 else [obj]
+    def allgather(self, obj, what: str = "set-up") -> list:
+        if self.size == 1:
+            return [obj]
+        with self.watchdog.watch(what):
+            return self.comm.allgather(obj)
 
-    def agree(self, fn, catch: type[BaseException] = Exception, raise_as=None):
+    def agree(self, fn, catch: type[BaseException] = Exception, raise_as=None, what: str = "set-up"):
         """Run ``fn`` on every rank; if it raises ``catch`` on any rank, raise it on all of them.
 
         Every rank reaches the allgather, so a bad config or a missing file ends the
@@ -103,7 +114,7 @@ class Dist:
             result, err = fn(), None
         except catch as e:
             result, err = None, _describe(e, self.rank, raise_as)
-        failed = [e for e in self.allgather(err) if e]
+        failed = [e for e in self.allgather(err, what) if e]
         if failed:
             raise _rebuild(*failed[0], raise_as)
         return result
@@ -121,16 +132,18 @@ class Dist:
             raise _rebuild(*err, raise_as)
         return result
 
-    def wait_all(self) -> None:
+    def wait_all(self, what: str = "end") -> None:
         """A barrier that sleeps while it waits: ranks done early must not steal a working rank's core."""
         if self.size > 1:
-            req = self.comm.Ibarrier()
-            while not req.Test():
-                time.sleep(0.005)
+            with self.watchdog.watch(what):
+                req = self.comm.Ibarrier()
+                while not req.Test():
+                    time.sleep(0.005)
 
     def barrier(self) -> None:
         if self.size > 1:
-            self.comm.Barrier()
+            with self.watchdog.watch("set-up"):
+                self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
         """Kill every rank of the job (used when ranks can no longer agree)."""

@@ -67,9 +67,9 @@ def evaluate_splits(model: Model, data, dist: Dist, batch_size: int, step: int =
         return np.concatenate([eval_sums(model, x, y, dist, batch_size) for x, y in splits.values()]
                               + [[_peak_rss_mb()]])
 
-    sums = dist.agree(local)
-    dist.allreduce_sum_(sums[:-1])
-    out = {"peak_rss_mb": max(dist.allgather(float(sums[-1])))}
+    sums = dist.agree(local, what="evaluation")
+    dist.allreduce_sum_(sums[:-1], what="evaluation")
+    out = {"peak_rss_mb": max(dist.allgather(float(sums[-1]), "evaluation"))}
     for n, (name, (x, _)) in enumerate(splits.items()):
         out.update({f"{name}_loss": sums[2 * n] / len(x), f"{name}_acc": sums[2 * n + 1] / len(x)})
     return out

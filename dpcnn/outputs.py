@@ -7,6 +7,7 @@ the training loop has no ``if rank == 0`` in it.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -58,6 +59,8 @@ class RootOutputs:
         tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
                 "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
                 "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
+        if os.environ.get("DPCNN_RESTARTS", "0") != "0":  # set by launch/local.sh --max-restarts
+            tags["dpcnn.restarts"] = os.environ["DPCNN_RESTARTS"]
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -176,6 +179,11 @@ class RootOutputs:
         except DpcnnError as e:
             return str(e), False
         return None, True
+
+    def timed_out(self) -> None:
+        """From the watchdog's thread, just before the job is aborted: the run ends FAILED, saying why."""
+        if self.enabled and self.tracker.enabled and self.run_id:
+            mark_run(self.cfg.tracking.uri, self.run_id, "FAILED", {"dpcnn.failure": "collective timeout"})
 
     def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
         if not self.enabled:

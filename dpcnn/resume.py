@@ -37,7 +37,7 @@ class Position:
 def save_or_raise(out, model: Model, opt, pos: Position, dist: Dist) -> None:
     """Rank 0 writes the checkpoint (``out`` is the `RootOutputs`); a failure there stops every
     rank with its message."""
-    error, saved = dist.bcast(out.save(model, opt.state(), pos))
+    error, saved = dist.bcast(out.save(model, opt.state(), pos), what="checkpoint")
     if error:
         raise DpcnnError(error)
     if saved:
@@ -60,7 +60,7 @@ def position_changes(meta: dict, cfg) -> list[str]:
 
 def check_in_sync(model: Model, dist: Dist) -> None:
     """Ranks must hold bitwise-identical parameters; verify with one small allgather."""
-    digests = dist.allgather(hashlib.blake2b(model.params.tobytes(), digest_size=16).hexdigest())
+    digests = dist.allgather(hashlib.blake2b(model.params.tobytes(), digest_size=16).hexdigest(), "checkpoint")
     if len(set(digests)) != 1:
         raise DpcnnError("ranks' parameters differ (non-deterministic reduction?); please report this with "
                          "your MPI library and world size")

@@ -78,6 +78,7 @@ def load_on_all_ranks(cfg: DictConfig, dist: Dist):
     spec = get_spec(cfg.data)
 
     def fetch():
+        faults.check("setup", dist.rank, 0, stop_requested)
         if dist.is_root:
             ensure_files(spec, cfg.data.root, download=cfg.data.download,
                          verify_checksum=cfg.data.verify_checksum, progress=bool(cfg.trainer.progress))
@@ -95,6 +96,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     dist.pin_blas_threads()
     # Setup. Every rank validates and builds the same things; an error anywhere stops all ranks.
     dist.agree(lambda: validate(cfg, dist.size))
+    dist.watchdog.configure(t.stall_warning, t.collective_timeout, t.setup_timeout)
     with owned_by_this_job(run_dir, dist):
         model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
         step = StepBuffer(model, t.micro_batch)
@@ -103,6 +105,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             return nothing_to_train(pos, last_step, data, dist)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
         dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
         batch_of = Batches(cfg, data, dist)
 
         status, summary, stop = "FAILED", {}, False
@@ -112,7 +115,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                 out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
                 stats = EpochStats()
                 for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
-                    t0 = time.perf_counter()
+                    t0, dist.watchdog.step = time.perf_counter(), pos.step
                     with reported_as_step_error(step, dist.rank, pos.step):
                         faults.check("step", dist.rank, pos.step, stop_requested)
                         step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))

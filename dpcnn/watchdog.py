@@ -40,8 +40,6 @@ from mpi4py import MPI
 from .errors import EXIT_FAILED
 
 TAG = 7707
-#: What a rank can be waiting in; a note carries the index, the same on every rank.
-WHATS = ("step", "set-up", "evaluation", "checkpoint", "end")
 POLL_S = 0.25
 GRACE_S = 10.0  # a non-root rank's wait for rank 0 to mark the run and abort the job
 
@@ -57,11 +55,12 @@ class Watchdog:
         self.collective_timeout: float | None = 600.0
         self.setup_timeout: float | None = 1800.0
         self.step = 0
-        self.waiting: tuple[str, int, float] | None = None  # (what, step, since), None between collectives
+        self.seq = 0  # collectives entered so far: the same count on every rank, since collectives match in order
+        self.waiting: tuple[str, int, int, float] | None = None  # (what, step, seq, since); None between them
         self.advice: Callable[[], str] = lambda: ""
         self.on_timeout: Callable[[], None] = lambda: None
-        self.notes: dict[int, tuple[int, int]] = {}  # rank -> (what code, step) it said it waits at
-        self._recv = [(r, np.zeros(2, np.int64)) for r in range(self.size) if r != self.rank]
+        self.notes: dict[int, int] = {}  # rank -> the seq of the collective it said it waits in
+        self._recv = [(r, np.zeros(1, np.int64)) for r in range(self.size) if r != self.rank]
         self._reqs = [self.comm.Irecv([buf, MPI.INT64_T], source=r, tag=TAG) for r, buf in self._recv]
         self._sent: list = []
         threading.Thread(target=self._run, name="dpcnn-watchdog", daemon=True).start()
@@ -75,7 +74,8 @@ class Watchdog:
     @contextlib.contextmanager
     def watch(self, what: str = "set-up"):
         """Mark a collective: ``what`` is "step" for the step's reduction, else the phase it belongs to."""
-        self.waiting = (what, self.step, time.monotonic())
+        self.seq += 1
+        self.waiting = (what, self.step, self.seq, time.monotonic())
         try:
             yield
         finally:
@@ -92,54 +92,52 @@ class Watchdog:
                 waiting = self.waiting
                 if waiting is None:
                     continue
-                what, step, since = waiting
+                what, step, seq, since = waiting
                 waited = time.monotonic() - since
-                if noted != waiting and waited >= min(1.0, self.stall_warning or 1.0):
-                    self._tell_others(what, step)
-                    noted = waiting
-                if warned_at != waiting:
-                    warned_at, next_warning = waiting, self.stall_warning or float("inf")
+                if noted != seq and waited >= min(1.0, self.stall_warning or 1.0):
+                    self._tell_others(seq)
+                    noted = seq
+                if warned_at != seq:
+                    warned_at, next_warning = seq, self.stall_warning or float("inf")
                 if waited >= next_warning:
-                    if self.rank == min(self._waiting_ranks(what, step)):
-                        _say(f"dpcnn: warning: {self._stall(what, step)} for {waited:.0f} s")
+                    missing = self._missing(seq)
+                    if self.rank == min(set(range(self.size)) - set(missing)):
+                        _say(f"dpcnn: warning: {self._stall(what, step, missing, waited)}")
                     next_warning *= 2
                 limit = self.collective_timeout if what == "step" else self.setup_timeout
                 if limit is not None and waited >= limit and self.waiting == waiting:
-                    self._expire(what, step, limit)
+                    self._expire(what, step, self._missing(seq), limit)
             except Exception as e:  # noqa: BLE001 - the watchdog must never take a healthy job down
                 _say(f"dpcnn: warning: the watchdog stopped: {type(e).__name__}: {e}")
                 return
 
-    @staticmethod
-    def _code(what: str) -> int:
-        return WHATS.index(what) if what in WHATS else WHATS.index("set-up")
-
-    def _tell_others(self, what: str, step: int) -> None:
-        note = np.array([self._code(what), step], np.int64)
+    def _tell_others(self, seq: int) -> None:
+        note = np.array([seq], np.int64)
         self._sent = [self.comm.Isend([note, MPI.INT64_T], dest=r, tag=TAG) for r in range(self.size)
                       if r != self.rank] + [note]  # keep the buffer alive until the sends complete
 
     def _receive(self) -> None:
         for i, (r, buf) in enumerate(self._recv):
             if self._reqs[i].Test():
-                self.notes[r] = (int(buf[0]), int(buf[1]))
+                self.notes[r] = int(buf[0])
                 self._reqs[i] = self.comm.Irecv([buf, MPI.INT64_T], source=r, tag=TAG)
 
-    def _waiting_ranks(self, what: str, step: int) -> list[int]:
-        code = self._code(what)
-        return [self.rank] + [r for r, note in self.notes.items() if note == (code, step)]
+    def _missing(self, seq: int) -> list[int]:
+        """The ranks that have not said they wait in collective ``seq`` (a later note counts: it got past)."""
+        return [r for r in range(self.size) if r != self.rank and self.notes.get(r, 0) < seq]
 
-    def _stall(self, what: str, step: int) -> str:
-        waiting = set(self._waiting_ranks(what, step))
-        missing = [r for r in range(self.size) if r not in waiting]
+    def _stall(self, what: str, step: int, missing: list[int], waited: float) -> str:
         where = f"step {step}" if what == "step" else f"the {what} collective (after step {step})"
-        done = f", last finished step {step - 1}" if what == "step" and step > 0 else ""
-        names = ", ".join(f"rank {r} (host {self.hosts[r]}{done})" for r in missing) or "no rank (all arrived)"
-        return f"{names} {'has' if len(missing) == 1 else 'have'} not reached {where}"
+        if not missing:
+            return f"every rank has reached {where} but it has not completed for {waited:.0f} s (the network?)"
+        names = ", ".join(f"rank {r} (host {self.hosts[r]})" for r in missing)
+        return f"{names} {'has' if len(missing) == 1 else 'have'} not reached {where} for {waited:.0f} s"
 
-    def _expire(self, what: str, step: int, limit: float) -> None:
+    def _expire(self, what: str, step: int, missing: list[int], limit: float) -> None:
         advice = self.advice()
-        _say(f"dpcnn: error: {self._stall(what, step)} for {limit:.0f} s; aborting.{' ' + advice if advice else ''}")
+        advice = advice[:1].upper() + advice[1:]
+        _say(f"dpcnn: error: {self._stall(what, step, missing, limit)}; aborting."
+             f"{' ' + advice if advice else ''}")
         if self.rank == 0:
             _bounded(self.on_timeout, 20.0)
         else:
