@@ -27,6 +27,10 @@ must run the same job sequence with the same configs. Three pieces:
   parameter, and the optimisation history); the same files and
   ``best_command.txt`` (a ready-to-run command) land in the sweep directory.
 
+Hydra passes nothing between these three; what they tell each other within
+one process goes through the one `TrialState` of the package, `TRIAL`
+(`trial.py` lists who writes and who reads each field).
+
 Re-runs never duplicate children silently. A sweep is identified by a key
 hashed from its command-line overrides, its sweeper settings (except
 ``n_trials``) and its composed base config; a trial by the hash of its
@@ -43,8 +47,9 @@ same sweep is tagged ``dpcnn.sweep.duplicate_of``.
 
 from .record import ENV_PARENT, ENV_TAGS, TERMINAL_OK, SweepCallback, TrialRecord, command_for, sweep_key
 from .sweeper import MpiSweeper, MpiSweeperConf, search_space
-from .trial import ENV_AUDIT, SweepError, begin_trial, config_digest, digest, end_trial, note_failure, objective_name
+from .trial import (ENV_AUDIT, TRIAL, SweepError, TrialState, begin_trial, config_digest, digest, end_trial,
+                    note_failure, objective_name)
 
-__all__ = ["ENV_AUDIT", "ENV_PARENT", "ENV_TAGS", "TERMINAL_OK", "MpiSweeper", "MpiSweeperConf", "SweepCallback",
-           "SweepError", "TrialRecord", "begin_trial", "command_for", "config_digest", "digest", "end_trial",
-           "note_failure", "objective_name", "search_space", "sweep_key"]
+__all__ = ["ENV_AUDIT", "ENV_PARENT", "ENV_TAGS", "TERMINAL_OK", "TRIAL", "MpiSweeper", "MpiSweeperConf",
+           "SweepCallback", "SweepError", "TrialRecord", "TrialState", "begin_trial", "command_for", "config_digest",
+           "digest", "end_trial", "note_failure", "objective_name", "search_space", "sweep_key"]

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..viz import summary_plot
 from .sweeper import search_space
-from .trial import _trial, config_digest, digest, objective_name
+from .trial import TRIAL, config_digest, digest, objective_name
 
 log = logging.getLogger("dpcnn.sweep")
 
@@ -79,9 +79,6 @@ class SweepCallback(Callback):
     run and does not train again configs that already finished or failed there.
     """
 
-    #: The callback of the sweep running in this process (rank 0), for the sweeper's FAILED records.
-    active: "SweepCallback | None" = None
-
     def __init__(self, resume: bool = True, plot: bool = True) -> None:
         self.resume, self.plot = bool(resume), bool(plot)
         self.on = False
@@ -103,7 +100,7 @@ class SweepCallback(Callback):
         rank, self.world_size = world_rank_and_size()
         if rank != 0:
             return
-        self.on, SweepCallback.active = True, self
+        self.on, TRIAL.recorder = True, self
         self.records: list[TrialRecord] = []
         self.current: dict | None = None
         self.previous: dict[str, dict] = {}   # config hash -> {run_id, status, objective}
@@ -196,7 +193,7 @@ class SweepCallback(Callback):
                         "attempt": uuid.uuid4().hex}
         if self.resume and prev and prev["status"] in TERMINAL_OK:
             self.current["reused"] = True
-            _trial["skip"] = (prev["objective"], prev["run_id"])  # begin_trial shares it with every rank
+            TRIAL.skip = (prev["objective"], prev["run_id"])  # begin_trial shares it with every rank
             return
         tags = {"dpcnn.sweep.key": self.key, "dpcnn.sweep.trial": str(num), "dpcnn.sweep.trial_key": key,
                 "dpcnn.sweep.attempt": self.current["attempt"], "dpcnn.sweep.overrides": " ".join(overrides)[:5000]}
@@ -217,7 +214,7 @@ class SweepCallback(Callback):
                 value = float(job_return.return_value)
             except (TypeError, ValueError):
                 pass
-        error = _trial.pop("error", None)
+        error = TRIAL.take_error()
         record = TrialRecord(cur["num"], cur["overrides"], {k: _trial_value(config, k) for k in self.space},
                              cur["key"], value, "FINISHED" if math.isfinite(value) else "FAILED", None,
                              reused=cur["reused"], error=error, config_yaml=_yaml(job_return.cfg))
@@ -297,7 +294,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.on:
             return
-        self.on, SweepCallback.active = False, None
+        self.on, TRIAL.recorder = False, None
         atexit.unregister(self._cut_short)
         os.environ.pop(ENV_PARENT, None)
         best = self._best()

@@ -16,7 +16,7 @@ from hydra.core.override_parser.types import Override, Transformer
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from .trial import SweepError
+from .trial import TRIAL, SweepError
 
 log = logging.getLogger("dpcnn.sweep")
 
@@ -190,7 +190,7 @@ class MpiSweeper(Sweeper):
                 raise SweepError(f"trial {num} composes on some ranks only: {[e for e in errors if e][0]}")
             if error:
                 log.warning("trial %d: %s does not compose (%s); FAILED, going on", num, " ".join(job), error)
-                _record_unlaunched(num, job, error)
+                TRIAL.record_unlaunched(num, job, error)
                 value = float("nan")
             else:
                 ret = self._launch(num, job)
@@ -226,11 +226,3 @@ class MpiSweeper(Sweeper):
 def _representative(distribution) -> Any:
     choices = getattr(distribution, "choices", None)
     return choices[0] if choices else distribution.low
-
-
-def _record_unlaunched(num: int, job: list[str], error: str) -> None:
-    """A trial that could not even be composed still gets its FAILED record (rank 0's callback)."""
-    from .record import SweepCallback
-
-    if SweepCallback.active is not None:
-        SweepCallback.active.record_unlaunched(num, job, error)

@@ -1,7 +1,8 @@
 """One trial, on every rank: the same config everywhere in, the same objective everywhere out.
 
 `begin_trial` / `note_failure` / `end_trial` are called by the task function
-(`dpcnn.train`) on every rank; see the package doc.
+(`dpcnn.train`) on every rank; see the package doc. `TrialState` is what the
+sweeper, the callback and the task function tell each other.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import DpcnnError
+
+if TYPE_CHECKING:  # the callback imports this module
+    from .record import SweepCallback
 
 log = logging.getLogger("dpcnn.sweep")
 
@@ -44,50 +50,91 @@ def objective_name(cfg: DictConfig) -> str:
 
 # ------------------------------------------------------------ per trial, on every rank
 
-#: Rank-local notes between the callback (rank 0), the task function and the sweeper.
-_trial: dict = {}
+@dataclass
+class TrialState:
+    """What the sweep's three parts tell each other inside one process (one rank), between Hydra's calls.
 
+    Hydra calls the sweeper, the callback and the task function in turn and
+    passes nothing from one to the other, so they share the one `TRIAL` of this
+    process, imported explicitly by each part. Who writes and who reads what:
 
-def begin_trial(cfg: DictConfig, dist) -> float | None:
-    """Check that every rank composed the same trial; returns a recorded objective if it need not be trained.
-
-    Collective: every rank calls it first thing in a multirun job.
+    - ``num``, ``digest``: `begin_trial` (every rank); read by `end_trial` for
+      its messages and the audit line.
+    - ``skip``: ``(objective, run_id)`` of a config this sweep already ran, set by
+      `SweepCallback.on_job_start` (rank 0); `begin_trial` takes it and shares it
+      with every rank, and the trial is not trained again.
+    - ``error``: `note_failure` (the task function); `SweepCallback.on_job_end`
+      takes it for the trial's FAILED record.
+    - ``recorder``: the `SweepCallback` of the sweep running in this process
+      (rank 0, between multirun start and end; None elsewhere); `MpiSweeper`
+      hands it the trials that did not even compose.
     """
-    from hydra.core.hydra_config import HydraConfig
 
-    num = HydraConfig.get().job.num
-    mine = config_digest(cfg)
-    digests = dist.allgather(mine)
-    if len(set(digests)) != 1:
-        raise SweepError(f"trial {num}: the ranks composed different configs (config hash by rank: "
-                         f"{', '.join(digests)}); every rank must run the same checkout of dpcnn with the same "
-                         "conf/ files, command line and environment")
-    skip = _trial.pop("skip", None) if dist.is_root else None
-    _trial.update(num=num, digest=mine, error=None)
-    skip = dist.bcast(skip)
-    if skip is None:
-        return None
-    value, run_id = skip
-    log.info("trial %d: this config already ran in this sweep (MLflow run %s, objective %r); not trained again",
-             num, run_id, value)
-    return float(value)
+    num: int | None = None
+    digest: str | None = None
+    skip: tuple[float, str] | None = None
+    error: str | None = None
+    recorder: SweepCallback | None = None
+
+    def begin(self, cfg: DictConfig, dist) -> float | None:
+        """Check that every rank composed the same trial; returns a recorded objective if it need not be trained.
+
+        Collective: every rank calls it first thing in a multirun job.
+        """
+        from hydra.core.hydra_config import HydraConfig
+
+        num = HydraConfig.get().job.num
+        mine = config_digest(cfg)
+        digests = dist.allgather(mine)
+        if len(set(digests)) != 1:
+            raise SweepError(f"trial {num}: the ranks composed different configs (config hash by rank: "
+                             f"{', '.join(digests)}); every rank must run the same checkout of dpcnn with the same "
+                             "conf/ files, command line and environment")
+        skip = None
+        if dist.is_root:
+            skip, self.skip = self.skip, None
+        self.num, self.digest, self.error = num, mine, None
+        skip = dist.bcast(skip)
+        if skip is None:
+            return None
+        value, run_id = skip
+        log.info("trial %d: this config already ran in this sweep (MLflow run %s, objective %r); not trained again",
+                 num, run_id, value)
+        return float(value)
+
+    def note_failure(self, error: BaseException) -> None:
+        """The trial failed with a reported error (it returns NaN); remembered for its FAILED record."""
+        self.error = f"{type(error).__name__}: {error}"
+
+    def take_error(self) -> str | None:
+        """The error `note_failure` noted for this trial, if any (and forget it)."""
+        error, self.error = self.error, None
+        return error
+
+    def end(self, objective: float, dist) -> float:
+        """The value handed back to the sweeper; verified bitwise identical on every rank. Collective."""
+        objective = float(objective)
+        values = dist.allgather(repr(objective))
+        if len(set(values)) != 1:
+            raise SweepError(f"trial {self.num}: the ranks computed different objectives ({', '.join(values)}); "
+                             "the metric must come from the allreduce")
+        if os.environ.get(ENV_AUDIT):
+            # One write per line, so lines from different ranks do not interleave in mpirun's output.
+            sys.stdout.write(f"dpcnn-sweep-audit trial={self.num} rank={dist.rank} "
+                             f"config={self.digest} objective={objective!r}\n")
+            sys.stdout.flush()
+        return objective
+
+    def record_unlaunched(self, num: int, job: list[str], error: str) -> None:
+        """A trial that could not even be composed still gets its FAILED record (rank 0's callback)."""
+        if self.recorder is not None:
+            self.recorder.record_unlaunched(num, job, error)
 
 
-def note_failure(error: BaseException) -> None:
-    """The trial failed with a reported error (it returns NaN); remembered for its FAILED record."""
-    _trial["error"] = f"{type(error).__name__}: {error}"
+#: The one TrialState of this process, shared by `MpiSweeper`, `SweepCallback` and the task function.
+TRIAL = TrialState()
 
-
-def end_trial(objective: float, dist) -> float:
-    """The value handed back to the sweeper; verified bitwise identical on every rank. Collective."""
-    objective = float(objective)
-    values = dist.allgather(repr(objective))
-    if len(set(values)) != 1:
-        raise SweepError(f"trial {_trial.get('num')}: the ranks computed different objectives ({', '.join(values)}); "
-                         "the metric must come from the allreduce")
-    if os.environ.get(ENV_AUDIT):
-        # One write per line, so lines from different ranks do not interleave in mpirun's output.
-        sys.stdout.write(f"dpcnn-sweep-audit trial={_trial.get('num')} rank={dist.rank} "
-                         f"config={_trial.get('digest')} objective={objective!r}\n")
-        sys.stdout.flush()
-    return objective
+# What the task function (dpcnn.train) calls, on every rank.
+begin_trial = TRIAL.begin
+note_failure = TRIAL.note_failure
+end_trial = TRIAL.end
