@@ -35,6 +35,10 @@ from .errors import DpcnnError
 log = logging.getLogger(__name__)
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+#: Set by a sweep's callback (`dpcnn.sweep.record`, rank 0), read by `MlflowTracker.start`: nest the run under
+#: this parent run, and add these tags (a JSON object).
+ENV_PARENT = "DPCNN_MLFLOW_PARENT_RUN_ID"
+ENV_TAGS = "DPCNN_MLFLOW_TAGS"
 #: MLflow error codes that mean "the server answered and will never accept this call".
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                               "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
@@ -259,11 +263,11 @@ class MlflowTracker(NullTracker):
               parent_run_id: str | None = None) -> str:
         tags = dict(tags or {})
         # A sweep trial (dpcnn.sweep, rank 0) nests its run under the sweep's parent run and tags it.
-        parent_run_id = parent_run_id or os.environ.get("DPCNN_MLFLOW_PARENT_RUN_ID")
+        parent_run_id = parent_run_id or os.environ.get(ENV_PARENT)
         try:
-            tags.update({str(k): str(v) for k, v in json.loads(os.environ.get("DPCNN_MLFLOW_TAGS") or "{}").items()})
+            tags.update({str(k): str(v) for k, v in json.loads(os.environ.get(ENV_TAGS) or "{}").items()})
         except (ValueError, AttributeError):
-            log.warning("DPCNN_MLFLOW_TAGS is not a JSON object; ignored")
+            log.warning("%s is not a JSON object; ignored", ENV_TAGS)
         if run_name and "dpcnn.sweep.trial" in tags:
             run_name = f"{run_name}-t{tags['dpcnn.sweep.trial']}"
         if parent_run_id:

@@ -5,25 +5,26 @@
 multirun per rank. Each trial is a data-parallel training job, so all ranks
 must run the same job sequence with the same configs. Three pieces:
 
-- `MpiSweeper` (`sweeper.py`; ``hydra/sweeper=dpcnn``; Hydra loads sweepers only from the
-  ``hydra_plugins`` package, so ``hydra_plugins/dpcnn_sweeper.py`` exposes it).
-  Rank 0 alone expands the grid or asks Optuna for the next trial and
-  broadcasts the trial's overrides; every rank then launches that one job.
+- `MpiSweeper` (``sweeper.py``; ``hydra/sweeper=dpcnn``; Hydra loads sweepers
+  only from the ``hydra_plugins`` package, so ``hydra_plugins/dpcnn_sweeper.py``
+  exposes it). Rank 0 alone expands the grid or asks Optuna for the next trial
+  and broadcasts the trial's overrides; every rank then launches that one job.
   The Optuna study (sampler, storage) lives on rank 0 only; it is told the
   trial's objective, which every rank returns identically.
-- `begin_trial` / `end_trial` (`trial.py`), called by the task function on every rank: the
-  trial's composed config must hash the same on every rank and the objective
-  (allreduced by training) must be bitwise the same everywhere; if not,
-  `SweepError` ends the sweep on all ranks with one clear line. A trial that
-  fails (diverges, a config that cannot build) returns NaN: it is FAILED in
-  MLflow and in Optuna, and the sweep goes on.
-- `SweepCallback` (`record.py`; ``hydra.callbacks.sweep``; rank 0 only, no collectives, so
-  a tracking outage cannot desynchronise the ranks): one MLflow parent run per
-  sweep; every trial is a nested child (the tracker reads
-  ``DPCNN_MLFLOW_PARENT_RUN_ID`` and ``DPCNN_MLFLOW_TAGS``); a trial that
-  fails before its run starts gets a FAILED child of its own. At the end the
-  parent gets the best trial (tags, metric, ``best_config.yaml``), every
-  trial (``trials.csv``) and ``sweep_summary.png`` (`dpcnn.viz.summary_plot`: objective vs each swept
+- `begin_trial` / `end_trial` (``trial.py``), called by the task function on
+  every rank: the trial's composed config must hash the same on every rank and
+  the objective (allreduced by training) must be bitwise the same everywhere;
+  if not, `SweepError` ends the sweep on all ranks with one clear line. A trial
+  that fails (diverges, a config that cannot build) returns NaN: it is FAILED
+  in MLflow and in Optuna, and the sweep goes on.
+- `SweepCallback` (``record.py``; ``hydra.callbacks.sweep``; rank 0 only, no
+  collectives, so a tracking outage cannot desynchronise the ranks): one MLflow
+  parent run per sweep; every trial is a nested child (the tracker reads
+  ``DPCNN_MLFLOW_PARENT_RUN_ID`` and ``DPCNN_MLFLOW_TAGS``, named once as
+  `dpcnn.tracking.ENV_PARENT` / `ENV_TAGS`); a trial that fails before its run
+  starts gets a FAILED child of its own. At the end the parent gets the best
+  trial (tags, metric, ``best_config.yaml``), every trial (``trials.csv``) and
+  ``sweep_summary.png`` (`dpcnn.viz.summary_plot`: objective vs each swept
   parameter, and the optimisation history); the same files and
   ``best_command.txt`` (a ready-to-run command) land in the sweep directory.
 
@@ -45,7 +46,8 @@ is trained again; a child whose config already ran in an earlier run of the
 same sweep is tagged ``dpcnn.sweep.duplicate_of``.
 """
 
-from .record import ENV_PARENT, ENV_TAGS, TERMINAL_OK, SweepCallback, TrialRecord, command_for, sweep_key
+from ..tracking import ENV_PARENT, ENV_TAGS
+from .record import TERMINAL_OK, SweepCallback, TrialRecord, command_for, sweep_key
 from .sweeper import MpiSweeper, MpiSweeperConf, search_space
 from .trial import (ENV_AUDIT, TRIAL, SweepError, TrialState, begin_trial, config_digest, digest, end_trial,
                     note_failure, objective_name)

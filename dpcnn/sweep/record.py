@@ -17,15 +17,12 @@ from typing import Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..tracking import ENV_PARENT, ENV_TAGS
 from ..viz import summary_plot
 from .sweeper import search_space
 from .trial import TRIAL, config_digest, digest, objective_name
 
 log = logging.getLogger("dpcnn.sweep")
-
-#: Read by `dpcnn.tracking.MlflowTracker.start` (rank 0): nest the run under this parent, add these tags.
-ENV_PARENT = "DPCNN_MLFLOW_PARENT_RUN_ID"
-ENV_TAGS = "DPCNN_MLFLOW_TAGS"
 
 TERMINAL_OK = ("FINISHED", "FAILED")  # outcomes a resumed sweep does not train again
 
