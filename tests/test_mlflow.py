@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from dpcnn import checkpoint
 from dpcnn.data import load_dataset, read_idx
 from dpcnn.serving import build_model, normalise, spec_from_config
-from dpcnn.tracking import MlflowTracker, array_digest
+from dpcnn.tracking import MlflowTracker
+from dpcnn.tracking_inputs import array_digest
 
 from conftest import MNIST_5K, check_ok, needs_data, run_train, train_env
 

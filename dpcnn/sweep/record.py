@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..tracking import ENV_PARENT, ENV_TAGS
+from ..tracking_inputs import flatten
 from ..viz import summary_plot
 from .sweeper import search_space
 from .trial import TRIAL, config_digest, digest, objective_name
@@ -251,8 +252,6 @@ class SweepCallback(Callback):
         if self.client is None:
             return None
         from mlflow.entities import Param
-
-        from ..tracking import flatten
 
         tags = {"mlflow.parentRunId": self.parent, "dpcnn.sweep.key": self.key, "dpcnn.sweep.trial": str(num),
                 "dpcnn.sweep.trial_key": key, "dpcnn.sweep.attempt": attempt,
