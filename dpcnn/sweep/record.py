@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..tracking import ENV_PARENT, ENV_TAGS
+from ..dist import world_rank_and_size
+from ..tracking import ENV_PARENT, ENV_TAGS, default_uri
 from ..tracking_inputs import flatten
 from ..viz import summary_plot
 from .sweeper import search_space
@@ -93,8 +95,6 @@ class SweepCallback(Callback):
 
     # --- hooks -----------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from ..dist import world_rank_and_size
-
         rank, self.world_size = world_rank_and_size()
         if rank != 0:
             return
@@ -125,8 +125,6 @@ class SweepCallback(Callback):
 
     def _start_parent(self, config: DictConfig, tracking) -> None:
         from mlflow.tracking import MlflowClient
-
-        from ..tracking import default_uri
 
         self.client = MlflowClient(tracking_uri=tracking.get("uri") or default_uri())
         name = tracking.get("experiment", "dpcnn")
@@ -200,8 +198,6 @@ class SweepCallback(Callback):
         os.environ[ENV_TAGS] = json.dumps(tags)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        from hydra.core.utils import JobStatus
-
         if not self.on or self.current is None:
             return
         os.environ.pop(ENV_TAGS, None)

@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..dist import Dist
 from .trial import TRIAL, SweepError
 
 log = logging.getLogger("dpcnn.sweep")
@@ -87,15 +91,11 @@ class MpiSweeper(Sweeper):
         self.config = self.launcher = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
-
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from ..dist import Dist
-
         dist = Dist()
         try:
             if self.mode not in ("grid", "optuna"):
@@ -120,8 +120,6 @@ class MpiSweeper(Sweeper):
 
     # --- grid ------------------------------------------------------------------------
     def _grid(self, dist, args: list[str]) -> list:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
         def expand():
             overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(args)
             for o in overrides:
@@ -148,7 +146,6 @@ class MpiSweeper(Sweeper):
         def plan():
             nonlocal study, space, fixed
             import optuna
-            from hydra.utils import instantiate
 
             parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(args)
             space = {_key(o): _distribution(o) for o in parsed if o.is_sweep_override()}

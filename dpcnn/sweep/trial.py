@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import DpcnnError
@@ -81,8 +82,6 @@ class TrialState:
 
         Collective: every rank calls it first thing in a multirun job.
         """
-        from hydra.core.hydra_config import HydraConfig
-
         num = HydraConfig.get().job.num
         mine = config_digest(cfg)
         digests = dist.allgather(mine)
