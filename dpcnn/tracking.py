@@ -12,9 +12,9 @@ at most one HTTP timeout per interval. A call the server *refuses* (a bad
 parameter, say) is dropped with a warning instead of blocking the queue.
 
 Besides params, metrics, tags and files, the tracker logs datasets as run
-inputs (`dataset_input`), tables, arbitrary MLflow calls such as logging the
-pyfunc model (`call`), and system metrics (CPU, memory, disk, network) from
-MLflow's own sampler.
+inputs (`dataset_input`, built in ``tracking_inputs.py``), tables, arbitrary
+MLflow calls such as logging the pyfunc model (`call`), and system metrics
+(CPU, memory, disk, network) from MLflow's own sampler.
 """
 
 from __future__ import annotations
@@ -23,18 +23,23 @@ import json
 import logging
 import os
 import time
-import warnings
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
+try:
+    from requests import RequestException
+except ImportError:  # pragma: no cover - requests comes with mlflow
+    RequestException = OSError
 
 from .errors import DpcnnError
+from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+#: Set by the sweep's callback (dpcnn.sweep.record), read by `MlflowTracker.start`: parent run id, tags (JSON).
+ENV_PARENT = "DPCNN_MLFLOW_PARENT_RUN_ID"
+ENV_TAGS = "DPCNN_MLFLOW_TAGS"
 #: MLflow error codes that mean "the server answered and will never accept this call".
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
                               "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
@@ -43,18 +48,6 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXIST
 
 class TrackingError(DpcnnError):
     """The tracking server cannot be reached or refuses the run."""
-
-
-def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}} -> {'a.b': '1'}; lists are kept as their string form."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)
-    return out
 
 
 def existing_store(uri: str | None = None) -> str:
@@ -217,10 +210,6 @@ class MlflowTracker(NullTracker):
 
         if isinstance(e, MlflowException):
             return e.error_code in PERMANENT_ERRORS
-        try:
-            from requests import RequestException
-        except ImportError:  # pragma: no cover - requests comes with mlflow
-            RequestException = OSError  # noqa: N806
         return not isinstance(e, (OSError, RequestException, TimeoutError))
 
     def flush(self, force: bool = False) -> bool:
@@ -259,11 +248,11 @@ class MlflowTracker(NullTracker):
               parent_run_id: str | None = None) -> str:
         tags = dict(tags or {})
         # A sweep trial (dpcnn.sweep, rank 0) nests its run under the sweep's parent run and tags it.
-        parent_run_id = parent_run_id or os.environ.get("DPCNN_MLFLOW_PARENT_RUN_ID")
+        parent_run_id = parent_run_id or os.environ.get(ENV_PARENT)
         try:
-            tags.update({str(k): str(v) for k, v in json.loads(os.environ.get("DPCNN_MLFLOW_TAGS") or "{}").items()})
+            tags.update({str(k): str(v) for k, v in json.loads(os.environ.get(ENV_TAGS) or "{}").items()})
         except (ValueError, AttributeError):
-            log.warning("DPCNN_MLFLOW_TAGS is not a JSON object; ignored")
+            log.warning("%s is not a JSON object; ignored", ENV_TAGS)
         if run_name and "dpcnn.sweep.trial" in tags:
             run_name = f"{run_name}-t{tags['dpcnn.sweep.trial']}"
         if parent_run_id:
@@ -392,36 +381,6 @@ def make_tracker(cfg: Mapping, run_dir: str | Path, is_root: bool) -> NullTracke
                              retry_interval=float(cfg.get("retry_interval", 5.0)))
     except TrackingError as e:  # raised by start(), on every rank (see _Unreachable)
         return _Unreachable(e)
-
-
-def array_digest(*arrays) -> str:
-    """A short content hash of arrays (shape, dtype and every byte): the dataset digest MLflow shows.
-
-    CRC-32, not a cryptographic hash: it tells datasets apart, and it reads full
-    MNIST's 188 MB of float32 in well under a tenth of a second.
-    """
-    crc = 0
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        crc = zlib.crc32(f"{a.dtype.str}{a.shape}".encode(), crc)
-        crc = zlib.crc32(memoryview(a).cast("B"), crc)
-    return f"{crc:08x}"
-
-
-def dataset_input(name: str, features, targets, source: str | None, context: str):
-    """An MLflow ``DatasetInput`` for a NumPy split: name, digest, source (where the files are), context tag.
-
-    ``context`` is ``training``, ``validation`` or ``testing``; the UI shows it
-    next to the dataset.
-    """
-    import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
-
-    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": it is a local folder
-        warnings.simplefilter("ignore")
-        ds = mlflow.data.from_numpy(features, targets=targets, source=source, name=name,
-                                    digest=array_digest(features, targets))
-    return DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value=context)])
 
 
 def mark_run(uri: str | None, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> bool:

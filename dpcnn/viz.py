@@ -331,3 +331,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def summary_plot(records: list[TrialRecord], space: dict[str, str], objective: str, direction: str,
+                 path: Path) -> Path:
+    """Objective vs each swept parameter (failed trials as red crosses at the bottom), and the history."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    keys = list(space)
+    n = len(keys) + 1
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    ok = [r for r in records if math.isfinite(r.objective)]
+    lo, hi = min((r.objective for r in ok), default=0.0), max((r.objective for r in ok), default=1.0)
+    floor = lo - 0.08 * ((hi - lo) or 0.1)  # where failed trials are drawn: below every real value
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        vals = [r.values.get(key) for r in records]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals if v is not None)
+        if numeric:
+            pos = {id(r): r.values.get(key) for r in records}
+            positive = [v for v in vals if v is not None and v > 0]
+            if "log" in space[key] or (len(positive) == len(vals) and positive and max(positive) / min(positive) >= 10):
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in vals}, key=str)
+            pos = {id(r): labels.index(str(r.values.get(key))) for r in records}
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        good = [r for r in ok if pos[id(r)] is not None]
+        ax.scatter([pos[id(r)] for r in good], [r.objective for r in good], color="C0", zorder=3)
+        bad = [r for r in records if not math.isfinite(r.objective) and pos[id(r)] is not None]
+        if bad:
+            ax.scatter([pos[id(r)] for r in bad], [floor] * len(bad), marker="x", color="red", label="failed", zorder=3)
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(objective)
+        ax.grid(alpha=0.3)
+    ax = fig.add_subplot(rows, cols, n)
+    best, running = [], None
+    pick = max if direction == "maximize" else min
+    for r in sorted(ok, key=lambda r: r.number):
+        running = r.objective if running is None else pick(running, r.objective)
+        best.append((r.number, running))
+    ax.scatter([r.number for r in ok], [r.objective for r in ok], color="C0", label="trial", zorder=3)
+    if best:
+        ax.step([b[0] for b in best], [b[1] for b in best], where="post", color="C1", label="best so far")
+    bad = [r for r in records if not math.isfinite(r.objective)]
+    if bad:
+        ax.scatter([r.number for r in bad], [floor] * len(bad), marker="x", color="red", label="failed", zorder=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(objective)
+    ax.set_title("optimisation history")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return path

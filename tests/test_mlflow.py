@@ -25,7 +25,8 @@ from dpcnn import checkpoint
 from dpcnn.data import load_dataset
 from dpcnn.idx import read_idx
 from dpcnn.serving import build_model, normalise, spec_from_config
-from dpcnn.tracking import MlflowTracker, array_digest
+from dpcnn.tracking import MlflowTracker
+from dpcnn.tracking_inputs import array_digest
 
 from conftest import MNIST_5K, check_ok, needs_data, run_train, train_env
 

@@ -225,7 +225,7 @@ def test_search_configs_compose_and_map_to_optuna():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from dpcnn.sweep import _distribution, search_space
+    from dpcnn.sweep.sweeper import _distribution, search_space
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for name, mode in [("optuna", "optuna"), ("grid", "grid"), ("smoke", "optuna")]:

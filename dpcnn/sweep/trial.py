@@ -1,0 +1,139 @@
+"""One trial, on every rank: the same config everywhere in, the same objective everywhere out.
+
+`begin_trial` / `note_failure` / `end_trial` are called by the task function
+(`dpcnn.train`) on every rank; see the package doc. `TrialState` is what the
+sweeper, the callback and the task function tell each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import DpcnnError
+
+if TYPE_CHECKING:  # the callback imports this module
+    from .record import SweepCallback
+
+log = logging.getLogger("dpcnn.sweep")
+
+#: DPCNN_SWEEP_AUDIT=1: every rank prints what each trial returned to the sweeper (for tests and doubts).
+ENV_AUDIT = "DPCNN_SWEEP_AUDIT"
+
+
+class SweepError(DpcnnError):
+    """The ranks of a sweep disagree (or the sweep cannot start): ends the sweep, on every rank."""
+
+
+def digest(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """Hash of a trial's composed config, without ``hydra`` and unresolved (so ``${oc.env:..}`` stays a formula)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return digest(container)
+
+
+def objective_name(cfg: DictConfig) -> str:
+    """What a trial returns: validation accuracy when there is a validation split, else test accuracy."""
+    return "val_acc" if (OmegaConf.select(cfg, "data.val_fraction", default=0) or 0) > 0 else "test_acc"
+
+
+# ------------------------------------------------------------ per trial, on every rank
+
+@dataclass
+class TrialState:
+    """What the sweep's three parts tell each other inside one process (one rank), between Hydra's calls.
+
+    Hydra calls the sweeper, the callback and the task function in turn and
+    passes nothing from one to the other, so they share the one `TRIAL` of this
+    process, imported explicitly by each part. Who writes and who reads what:
+
+    - ``num``, ``digest``: `begin_trial` (every rank); read by `end_trial` for
+      its messages and the audit line.
+    - ``skip``: ``(objective, run_id)`` of a config this sweep already ran, set by
+      `SweepCallback.on_job_start` (rank 0); `begin_trial` takes it and shares it
+      with every rank, and the trial is not trained again.
+    - ``error``: `note_failure` (the task function); `SweepCallback.on_job_end`
+      takes it for the trial's FAILED record.
+    - ``recorder``: the `SweepCallback` of the sweep running in this process
+      (rank 0, between multirun start and end; None elsewhere); `MpiSweeper`
+      hands it the trials that did not even compose.
+    """
+
+    num: int | None = None
+    digest: str | None = None
+    skip: tuple[float, str] | None = None
+    error: str | None = None
+    recorder: SweepCallback | None = None
+
+    def begin(self, cfg: DictConfig, dist) -> float | None:
+        """Check that every rank composed the same trial; returns a recorded objective if it need not be trained.
+
+        Collective: every rank calls it first thing in a multirun job.
+        """
+        num = HydraConfig.get().job.num
+        mine = config_digest(cfg)
+        digests = dist.allgather(mine)
+        if len(set(digests)) != 1:
+            raise SweepError(f"trial {num}: the ranks composed different configs (config hash by rank: "
+                             f"{', '.join(digests)}); every rank must run the same checkout of dpcnn with the same "
+                             "conf/ files, command line and environment")
+        skip = None
+        if dist.is_root:
+            skip, self.skip = self.skip, None
+        self.num, self.digest, self.error = num, mine, None
+        skip = dist.bcast(skip)
+        if skip is None:
+            return None
+        value, run_id = skip
+        log.info("trial %d: this config already ran in this sweep (MLflow run %s, objective %r); not trained again",
+                 num, run_id, value)
+        return float(value)
+
+    def note_failure(self, error: BaseException) -> None:
+        """The trial failed with a reported error (it returns NaN); remembered for its FAILED record."""
+        self.error = f"{type(error).__name__}: {error}"
+
+    def take_error(self) -> str | None:
+        """The error `note_failure` noted for this trial, if any (and forget it)."""
+        error, self.error = self.error, None
+        return error
+
+    def end(self, objective: float, dist) -> float:
+        """The value handed back to the sweeper; verified bitwise identical on every rank. Collective."""
+        objective = float(objective)
+        values = dist.allgather(repr(objective))
+        if len(set(values)) != 1:
+            raise SweepError(f"trial {self.num}: the ranks computed different objectives ({', '.join(values)}); "
+                             "the metric must come from the allreduce")
+        if os.environ.get(ENV_AUDIT):
+            # One write per line, so lines from different ranks do not interleave in mpirun's output.
+            sys.stdout.write(f"dpcnn-sweep-audit trial={self.num} rank={dist.rank} "
+                             f"config={self.digest} objective={objective!r}\n")
+            sys.stdout.flush()
+        return objective
+
+    def record_unlaunched(self, num: int, job: list[str], error: str) -> None:
+        """A trial that could not even be composed still gets its FAILED record (rank 0's callback)."""
+        if self.recorder is not None:
+            self.recorder.record_unlaunched(num, job, error)
+
+
+#: The one TrialState of this process, shared by `MpiSweeper`, `SweepCallback` and the task function.
+TRIAL = TrialState()
+
+# What the task function (dpcnn.train) calls, on every rank.
+begin_trial = TRIAL.begin
+note_failure = TRIAL.note_failure
+end_trial = TRIAL.end
