@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 
@@ -139,6 +139,13 @@ _RANGES = {
     "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
 }
 _BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
+
+
+def objective_name(cfg: DictConfig) -> str:
+    """What a run (or a sweep trial) returns and a sweep compares: validation accuracy when the config
+    holds out a validation split (``data.val_fraction > 0``: it then always has an example), else test
+    accuracy. The one rule, for `dpcnn.train` and `dpcnn.sweep` alike."""
+    return "val_acc" if (OmegaConf.select(cfg, "data.val_fraction", default=0) or 0) > 0 else "test_acc"
 
 
 def unknown_key_hint(message: str) -> str | None:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
+
 # find_files and ensure_files are re-exported: train.py imports them from here.
 from .idx import _REFETCH, FILE_KEYS, DatasetSpec, ensure_files, find_files, read_idx  # noqa: F401
-
 
 # ---------------------------------------------------------------------- registry
 

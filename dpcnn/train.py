@@ -102,7 +102,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         step = StepBuffer(model, t.micro_batch)
         pos, resumed_from = resume(cfg, dist, model, opt, run_dir)  # rank 0's weights (or checkpoint) everywhere
         if pos.step >= last_step:
-            return nothing_to_train(pos, last_step, data, dist)
+            return nothing_to_train(pos, last_step, cfg, dist)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
         dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
@@ -148,21 +148,20 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             status = "FINISHED"
         finally:
             out.finish(status, model, summary)
-    return objective(summary, data)
+    return objective(summary, cfg)
 
 
-def objective(summary: dict, data) -> float:
-    """What a run (or a sweep trial) returns: validation accuracy when there is a validation split,
-    else test accuracy (`dpcnn.sweep.objective_name` names the same metric from the config)."""
-    return float(summary.get("val_acc" if data.val is not None else "test_acc", float("nan")))
+def objective(summary: dict, cfg: DictConfig) -> float:
+    """What a run (or a sweep trial) returns: the metric `config.objective_name` names."""
+    return float(summary.get(config.objective_name(cfg), float("nan")))
 
 
-def nothing_to_train(pos: Position, last_step: int, data, dist: Dist) -> float:
+def nothing_to_train(pos: Position, last_step: int, cfg: DictConfig, dist: Dist) -> float:
     """A resume of a run whose budget is spent: no new MLflow run; the recorded objective."""
     if dist.is_root:
         log.warning("nothing to train: the checkpoint is at step %d of %d; raise trainer.epochs or "
                     "trainer.max_steps to train further", pos.step, last_step)
-    return objective(pos.history[-1] if pos.history else {}, data)
+    return objective(pos.history[-1] if pos.history else {}, cfg)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from .data import load_data
 from .errors import DpcnnError
 from .layers import Conv2D
 from .metrics import confusion_matrix, layer_activations, per_class_metrics, to_display, write_csv
+
+if TYPE_CHECKING:
+    from .sweep.record import TrialRecord
 
 DPI = 80
 

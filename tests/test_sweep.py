@@ -201,6 +201,19 @@ def test_ranks_with_different_configs_stop_the_sweep_on_every_rank(workdir):
     assert "epoch 1:" not in proc.stdout
 
 
+def test_a_sweep_never_compares_validation_with_test_accuracy(sweep_dir):
+    """The objective rule is one function (dpcnn.config.objective_name) for the trial and for the sweep:
+    sweeping data.val_fraction over 0 and 0.1 would have ranked test accuracies against validation
+    accuracies under one label; it is now a one-line error on every rank before any trial trains."""
+    needs_data()
+    proc = run_train(2, "-m", "model=tiny", "trainer=debug", "tracking.experiment=mix", *LEAN,
+                     "data.val_fraction=0.1,0", cwd=sweep_dir, timeout=180)
+    assert proc.returncode != 0
+    line = "trial 0 would return val_acc but the sweep compares test_acc"
+    assert proc.stderr.count(line) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "epoch 1:" not in proc.stdout + proc.stderr
+
+
 def test_sweep_sh_slurm_mode_submits_itself_with_sbatch(tmp_path):
     log = tmp_path / "sbatch.args"
     fake = tmp_path / "bin" / "sbatch"

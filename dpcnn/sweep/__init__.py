@@ -49,8 +49,18 @@ same sweep is tagged ``dpcnn.sweep.duplicate_of``.
 from ..tracking import ENV_PARENT, ENV_TAGS
 from .record import TERMINAL_OK, SweepCallback, TrialRecord, command_for, sweep_key
 from .sweeper import MpiSweeper, MpiSweeperConf, search_space
-from .trial import (ENV_AUDIT, TRIAL, SweepError, TrialState, begin_trial, config_digest, digest, end_trial,
-                    note_failure, objective_name)
+from .trial import (
+                    ENV_AUDIT,
+                    TRIAL,
+                    SweepError,
+                    TrialState,
+                    begin_trial,
+                    config_digest,
+                    digest,
+                    end_trial,
+                    note_failure,
+                    objective_name,
+)
 
 __all__ = ["ENV_AUDIT", "ENV_PARENT", "ENV_TAGS", "TERMINAL_OK", "TRIAL", "MpiSweeper", "MpiSweeperConf",
            "SweepCallback", "SweepError", "TrialRecord", "TrialState", "begin_trial", "command_for", "config_digest",

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..dist import Dist
+from ..errors import report
 from .trial import TRIAL, SweepError
 
 log = logging.getLogger("dpcnn.sweep")
@@ -109,8 +110,8 @@ class MpiSweeper(Sweeper):
                 OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
             return self._grid(dist, args) if self.mode == "grid" else self._optuna(dist, args)
         except SweepError as e:  # raised on every rank at the same point
-            print(f"dpcnn: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            report(str(e))
+            sys.exit(e.exit_code)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException:  # noqa: BLE001 - on this rank only: the others would wait forever

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import DpcnnError
+from ..config import objective_name
+from ..errors import EXIT_USAGE, DpcnnError
 
 if TYPE_CHECKING:  # the callback imports this module
     from .record import SweepCallback
@@ -32,6 +33,8 @@ ENV_AUDIT = "DPCNN_SWEEP_AUDIT"
 class SweepError(DpcnnError):
     """The ranks of a sweep disagree (or the sweep cannot start): ends the sweep, on every rank."""
 
+    exit_code = EXIT_USAGE  # a sweep that cannot run the same trials on every rank: fix it first
+
 
 def digest(obj) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
@@ -44,9 +47,6 @@ def config_digest(cfg: DictConfig) -> str:
     return digest(container)
 
 
-def objective_name(cfg: DictConfig) -> str:
-    """What a trial returns: validation accuracy when there is a validation split, else test accuracy."""
-    return "val_acc" if (OmegaConf.select(cfg, "data.val_fraction", default=0) or 0) > 0 else "test_acc"
 
 
 # ------------------------------------------------------------ per trial, on every rank
@@ -89,11 +89,15 @@ class TrialState:
             raise SweepError(f"trial {num}: the ranks composed different configs (config hash by rank: "
                              f"{', '.join(digests)}); every rank must run the same checkout of dpcnn with the same "
                              "conf/ files, command line and environment")
-        skip = None
+        skip, compared = None, None
         if dist.is_root:
             skip, self.skip = self.skip, None
+            compared = self.recorder.objective if self.recorder is not None else None
         self.num, self.digest, self.error = num, mine, None
-        skip = dist.bcast(skip)
+        skip, compared = dist.bcast((skip, compared))
+        if compared is not None and objective_name(cfg) != compared:
+            raise SweepError(f"trial {num} would return {objective_name(cfg)} but the sweep compares {compared}: "
+                             "sweep data.val_fraction over values that are all > 0 (or all 0), never both")
         if skip is None:
             return None
         value, run_id = skip
