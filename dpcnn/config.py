@@ -105,6 +105,8 @@ class TrackingConf:
     system_metrics_interval: float = 10.0
     retry_interval: float = 5.0
     flush_timeout: float = 60.0
+    queue_size: int = 10000         # records held in memory for the server; beyond, they wait in the journal
+    trial_wait: float = 120.0       # s a sweep trial waits at its start for an unreachable server
 
 
 @dataclass
@@ -137,6 +139,7 @@ _RANGES = {
     "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
     "tracking.activation_images": (0, True, False, 4), "tracking.system_metrics_interval": (0, False, False, 10),
     "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
+    "tracking.queue_size": (1, True, False, 10000), "tracking.trial_wait": (0, True, False, 120),
 }
 _BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
 

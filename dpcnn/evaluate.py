@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class EpochStats:
     correct: int = 0
     step_time: float = 0.0
     comm_time: float = 0.0
+    started: float = field(default_factory=time.perf_counter)  # wall clock at the epoch's first step
 
     def add(self, batch: int, mean_loss: float, correct: int, step_time: float, comm_time: float) -> None:
         self.seen += batch
@@ -49,9 +50,13 @@ class EpochStats:
         return self.seen / self.step_time if self.step_time else 0.0
 
     def metrics(self) -> dict:
+        """The epoch's figures. Two throughputs: ``img_per_s`` over the steps alone, ``wall_img_per_s`` over
+        the epoch's wall clock up to now (everything between the steps and the evaluation included)."""
+        wall = time.perf_counter() - self.started
         return {"train_loss": self.loss_sum / self.seen, "train_acc": self.correct / self.seen,
-                "img_per_s": self.img_per_s, "allreduce_frac": self.comm_time / self.step_time,
-                "step_time_s": self.step_time}
+                "img_per_s": self.img_per_s, "wall_img_per_s": self.seen / wall if wall > 0 else 0.0,
+                "allreduce_frac": self.comm_time / self.step_time, "step_time_s": self.step_time,
+                "epoch_time_s": wall}
 
 
 def evaluate_splits(model: Model, data, dist: Dist, batch_size: int, step: int = 0) -> dict:
@@ -83,10 +88,10 @@ def _peak_rss_mb() -> float:
 def end_epoch(model: Model, data, dist: Dist, out, pos: Position, stats, started: float,
               eval_batch_size: int) -> dict:
     """Evaluate, append the epoch's metrics to the history, report them; returns the summary metrics."""
+    evaluated = evaluate_splits(model, data, dist, eval_batch_size, pos.step)  # and peak_rss_mb: the largest rank's
     metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
-               **stats.metrics(),
-               **evaluate_splits(model, data, dist, eval_batch_size, pos.step),  # and peak_rss_mb: the largest rank's
-               "elapsed_s": time.perf_counter() - started}  # wall time of training so far
+               **stats.metrics(),  # after the evaluation: the wall-clock figures include it
+               **evaluated, "elapsed_s": time.perf_counter() - started}  # wall time of training so far
     pos.history.append(metrics)
     out.epoch(metrics, pos.step)
     return {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}

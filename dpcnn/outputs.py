@@ -122,15 +122,11 @@ class RootOutputs:
             except Exception as e:  # noqa: BLE001 - pictures are not worth failing a finished run
                 log.warning("drawing the plots failed (%s: %s); the run is otherwise complete", type(e).__name__, e)
         if tcfg.log_model:
-            from .serving import log_pyfunc
-
-            params = model.params.copy()
             example = np.clip(x[:2] * np.float32(spec["std"]) + np.float32(spec["mean"]), 0, 1).astype(np.float32)
             step = int(self.history[-1].get("step", 0)) if self.history else 0
-            tracker, register_as = self.tracker, tcfg.register_as or None
-            self.tracker.call(lambda: log_pyfunc(tracker.run_id, tracker.experiment_id, params, spec, example,
-                                                 registered_model_name=register_as, step=step,
-                                                 tracking_uri=tracker.uri), "log_model")
+            # Journaled like every record (its files in the run directory) and logged once, even across retries.
+            self.tracker.log_model(model.params.copy(), spec, example, step=step,
+                                   registered_model_name=tcfg.register_as or None)
 
     @property
     def run_id(self):
@@ -158,11 +154,14 @@ class RootOutputs:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s | "
-                 "allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"], 100 * metrics["train_acc"],
-                 metrics["test_loss"], 100 * metrics["test_acc"],
+        # Two speeds: the steps alone, and the epoch's wall clock (evaluation, checkpoints, anything that
+        # stalled rank 0 included), so a stall anywhere shows up.
+        log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s in steps, %s img/s "
+                 "wall (%.1f s) | allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"],
+                 100 * metrics["train_acc"], metrics["test_loss"], 100 * metrics["test_acc"],
                  f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
-                 f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
+                 f"{metrics['img_per_s']:,.0f}", f"{metrics['wall_img_per_s']:,.0f}", metrics["epoch_time_s"],
+                 100 * metrics["allreduce_frac"])
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
 
     def save(self, model: Model, opt_state: dict, pos: Position) -> tuple[str | None, bool]:
@@ -183,7 +182,8 @@ class RootOutputs:
     def timed_out(self) -> None:
         """From the watchdog's thread, just before the job is aborted: the run ends FAILED, saying why."""
         if self.enabled and self.tracker.enabled and self.run_id:
-            mark_run(self.cfg.tracking.uri, self.run_id, "FAILED", {"dpcnn.failure": "collective timeout"})
+            self.tracker.set_tags({"dpcnn.failure": "collective timeout"})
+            self.tracker.end("FAILED", wait=min(5.0, self.cfg.tracking.flush_timeout))  # then the journal
 
     def finish(self, status: str, model: Model | None = None, summary: dict | None = None) -> None:
         if not self.enabled:

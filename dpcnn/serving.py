@@ -247,12 +247,14 @@ def pip_requirements() -> list[str]:
 
 def log_pyfunc(run_id: str, experiment_id: str, params: np.ndarray, spec: Mapping, input_example: np.ndarray,
                *, name: str = "model", registered_model_name: str | None = None, step: int = 0,
-               tracking_uri: str | None = None, workdir: str | Path | None = None):
+               tracking_uri: str | None = None, workdir: str | Path | None = None, model_id: str | None = None):
     """Log the model to run ``run_id`` as MLflow pyfunc model ``name``; returns MLflow's ModelInfo.
 
     ``input_example`` is raw float32 pixels in [0, 1], shaped like the
     signature. ``step`` links the run's metrics at that step to the logged
-    model (the Models tab then shows its test accuracy).
+    model (the Models tab then shows its test accuracy). ``model_id``: finish that (PENDING)
+    logged model instead of creating a new one, so a retry after an outage never leaves two
+    (`dpcnn.replay.log_model_once` decides).
     """
     import mlflow
     from mlflow.models import Model
@@ -267,21 +269,13 @@ def log_pyfunc(run_id: str, experiment_id: str, params: np.ndarray, spec: Mappin
         code.write_text(_MODEL_CODE)
         # Created here, not by Model.log: left to itself MLflow files the model under
         # the default experiment unless a fluent run is active.
-        logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id,
-                                            tags={"dpcnn.version": __version__})
-        try:
-            return Model.log(None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                             step=step, python_model=str(code), artifacts=artifacts,
-                             code_paths=[str(Path(__file__).resolve().parent)],
-                             signature=signature(spec), input_example=np.asarray(input_example, np.float32),
-                             pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
-                             await_registration_for=0)
-        except Exception:
-            # Do not leave a half-logged model PENDING (a retry logs a new one); best effort.
-            try:
-                from mlflow.entities import LoggedModelStatus
-
-                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-            except Exception:  # noqa: BLE001, S110 - the server may be the reason we are here
-                pass
-            raise
+        if model_id is None:
+            model_id = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id,
+                                                  tags={"dpcnn.version": __version__}).model_id
+        # On failure the model stays PENDING: the retry finishes this one rather than logging a second.
+        return Model.log(None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model_id,
+                         step=step, python_model=str(code), artifacts=artifacts,
+                         code_paths=[str(Path(__file__).resolve().parent)],
+                         signature=signature(spec), input_example=np.asarray(input_example, np.float32),
+                         pip_requirements=pip_requirements(), registered_model_name=registered_model_name,
+                         await_registration_for=0)

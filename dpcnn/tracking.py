@@ -1,20 +1,27 @@
-"""MLflow on rank 0, a no-op everywhere else.
+"""MLflow on rank 0, a no-op everywhere else; training never waits for it.
 
 The tracker talks to MLflow through ``MlflowClient`` with an explicit run id
-(no global "active run"), so sweeps and nested runs cannot get crossed. A
-tracker that stops answering mid-run must not cost any training: failed
-calls are queued, a warning is printed once, and the queue is replayed when
-the server answers again (at the latest when the run ends, which waits up to
-``flush_timeout`` seconds for it; what still cannot be sent is written to
-``<run_dir>/mlflow_pending.json``). While the server is away, a new attempt is
-made at most every ``retry_interval`` seconds, so a hung server costs training
-at most one HTTP timeout per interval. A call the server *refuses* (a bad
-parameter, say) is dropped with a warning instead of blocking the queue.
+(no global "active run"), so sweeps and nested runs cannot get crossed.
 
-Besides params, metrics, tags and files, the tracker logs datasets as run
-inputs (`dataset_input`, built in ``tracking_inputs.py``), tables, arbitrary
-MLflow calls such as logging the pyfunc model (`call`), and system metrics
-(CPU, memory, disk, network) from MLflow's own sampler.
+**Never blocks.** Every call (params, metric points stamped with their own
+step and time, tags, artifacts, texts, tables, dataset inputs, the model, the
+final status) becomes a plain JSON record, is appended to the run's journal
+(`dpcnn.journal`, a file in the run directory) and handed to one background
+thread that sends the records in order; the caller returns at once. The
+in-memory queue holds at most ``tracking.queue_size`` records; past that the
+records wait in the journal on disk (spilled, never dropped) and the worker
+reads them back in order. While the server is away the worker retries every
+``tracking.retry_interval`` s and says so once; a record the server *refuses*
+(a bad parameter, say) is dropped with a warning instead of blocking the rest.
+
+**Never loses a record.** At the end (`MlflowTracker.end`) the run waits up to
+``tracking.flush_timeout`` s for the queue to drain (less if a signal says
+stop); what could not be sent stays in ``<run dir>/mlflow_journal/<run id>.json``
+and one line gives the command that sends it later, idempotently:
+``python -m dpcnn.tracking replay <run dir>``. A run resumed in the same run
+directory replays earlier journals first.
+
+System metrics come from MLflow's own sampler: not journaled, they stop if the server goes away.
 """
 
 from __future__ import annotations
@@ -22,16 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-try:
-    from requests import RequestException
-except ImportError:  # pragma: no cover - requests comes with mlflow
-    RequestException = OSError
-
-from .errors import DpcnnError
+from . import journal as journal_mod
+from .replay import dataset_record, send
+from .store import (TrackingError, default_uri, existing_store, open_client, retry,  # noqa: F401 - re-exported
+                    transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)
@@ -40,45 +48,6 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 #: Set by the sweep's callback (dpcnn.sweep.record), read by `MlflowTracker.start`: parent run id, tags (JSON).
 ENV_PARENT = "DPCNN_MLFLOW_PARENT_RUN_ID"
 ENV_TAGS = "DPCNN_MLFLOW_TAGS"
-#: MLflow error codes that mean "the server answered and will never accept this call".
-PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                              "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
-                              "MALFORMED_REQUEST", "NOT_IMPLEMENTED"})
-
-
-class TrackingError(DpcnnError):
-    """The tracking server cannot be reached or refuses the run."""
-
-
-def existing_store(uri: str | None = None) -> str:
-    """``uri`` (default: `default_uri`), refusing a SQLite file that does not exist.
-
-    For commands that read runs (``dpcnn.predict``, ``dpcnn.viz``): MLflow would
-    otherwise create an empty ``mlflow.db`` and then report "run not found".
-    """
-    uri = uri or default_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise TrackingError(f"no MLflow store at {uri}: run this where you trained (where mlflow.db is), or pass "
-                            "tracking_uri=... (or set MLFLOW_TRACKING_URI)")
-    return uri
-
-
-def default_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else SQLite ``mlflow.db`` in the directory the user ran from."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def _why(e: BaseException) -> str:
-    """A few words for why an MLflow call failed, instead of urllib3's paragraph."""
-    text = str(e)
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "unknown host"), ("nodename nor servname", "unknown host"),
-                          ("Temporary failure in name resolution", "unknown host"),
-                          ("Connection reset", "connection reset"), ("RemoteDisconnected", "connection closed")):
-        if needle in text:
-            return short
-    first = text.splitlines()[0][:200] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class _Unreachable:
@@ -100,19 +69,6 @@ class _Unreachable:
 
     def __getattr__(self, name):  # anything else: a no-op (never reached before start)
         return lambda *args, **kwargs: None
-
-
-class _Named:
-    """A queued callable with the name warnings and ``mlflow_pending.json`` use for it."""
-
-    def __init__(self, fn: Callable[[], object], name: str):
-        self.fn, self.__name__ = fn, name
-
-    def __call__(self):
-        return self.fn()
-
-    def __repr__(self):
-        return self.__name__
 
 
 class NullTracker:
@@ -148,7 +104,7 @@ class NullTracker:
     def log_table(self, data, artifact_file):
         pass
 
-    def call(self, fn, what):
+    def log_model(self, params, spec, example, step=0, registered_model_name=None):
         pass
 
     def start_system_metrics(self, interval=10.0):
@@ -159,89 +115,37 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    """One MLflow run, written through a queue that survives server outages."""
+    """One MLflow run, written through a journal and a background worker that rides out server outages."""
 
     enabled = True
 
     def __init__(self, uri: str | None, experiment: str, run_dir: str | Path, *, flush_timeout: float = 60.0,
-                 retry_interval: float = 5.0):
-        # Fail fast instead of MLflow's default minutes of retries: a tracker
-        # outage must not stall training (the queue catches up later).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the training log
-        # urllib3 logs every retry as a warning; our queue says it once, in one line.
-        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri or default_uri()
-        self.run_dir = Path(run_dir)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        try:
-            exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
-            hint = ""
-            if self.uri.startswith(("http://", "https://")):
-                hint = " (e.g. mlflow server --host 127.0.0.1 --port <port> --backend-store-uri sqlite:///mlflow.db)"
-            raise TrackingError(f"cannot reach the MLflow tracking store at {self.uri} ({_why(e)}); start the "
-                                f"server{hint}, fix tracking.uri, or run with tracking=none") from None
-        self.run_id: str | None = None
+                 retry_interval: float = 5.0, queue_size: int = 10000, start_wait: float = 0.0):
+        """``start_wait``: how long the start waits for an unreachable server (0: fail at once)."""
+        self.uri, self.run_dir = uri or default_uri(), Path(run_dir)
         self.flush_timeout, self.retry_interval = float(flush_timeout), float(retry_interval)
-        self._pending: list[tuple[str | Callable, tuple, dict]] = []
-        self._warned = False
-        self._retry_at = 0.0  # monotonic time before which a failed queue is not retried
+        self.queue_size, self.start_wait = max(int(queue_size), 1), float(start_wait)
+        self.client = open_client(self.uri)  # TrackingError (one line) for a bad URI or store
+
+        def experiment_id():
+            exp = self.client.get_experiment_by_name(experiment)
+            return exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+        try:
+            self.experiment_id = retry(experiment_id, "the start of the run", self.start_wait, self.uri)
+        except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
+            raise unreachable(self.uri, e) from None
+        self.run_id: str | None = None
+        self.journal: journal_mod.Journal | None = None
+        self._queue: deque[dict] = deque()
+        self._cond = threading.Condition()
+        self._next = 0             # number of the first record not in memory yet (records >= it are on disk)
+        self._sent = 0             # records before this one are done (sent, or refused and dropped)
+        self._stop = False
+        self._down_since: float | None = None
+        self._spilled_warned = False
+        self._worker: threading.Thread | None = None
         self._monitor = None  # MLflow's system-metrics sampler, when enabled
-
-    # --- the queue -----------------------------------------------------------
-    def _call(self, method: str | Callable, *args, **kwargs) -> None:
-        """Queue ``client.<method>(*args, **kwargs)`` (or ``method(*args, **kwargs)`` for a callable) and flush."""
-        self._pending.append((method, args, kwargs))
-        self.flush()
-
-    @staticmethod
-    def _name(method) -> str:
-        return method if isinstance(method, str) else getattr(method, "__name__", repr(method))
-
-    @staticmethod
-    def _permanent(e: BaseException) -> bool:
-        """True for errors that retrying cannot fix: the server refused the call, or our code raised."""
-        from mlflow.exceptions import MlflowException
-
-        if isinstance(e, MlflowException):
-            return e.error_code in PERMANENT_ERRORS
-        return not isinstance(e, (OSError, RequestException, TimeoutError))
-
-    def flush(self, force: bool = False) -> bool:
-        """Send queued calls in order; stop at the first failure. True if the queue is empty.
-
-        After a failure, calls are only queued until ``retry_interval`` seconds
-        have passed (or ``force``).
-        """
-        if self._pending and not force and time.monotonic() < self._retry_at:
-            return False
-        while self._pending:
-            method, args, kwargs = self._pending[0]
-            try:
-                fn = getattr(self.client, method) if isinstance(method, str) else method
-                fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                if self._permanent(e):
-                    log.warning("MLflow call %s failed and is dropped (%s)", self._name(method), _why(e))
-                    self._pending.pop(0)
-                    continue
-                self._retry_at = time.monotonic() + self.retry_interval
-                if not self._warned:
-                    log.warning("MLflow call %s to %s failed (%s); training continues, %d call(s) queued and "
-                                "retried every %g s", self._name(method), self.uri, _why(e), len(self._pending),
-                                self.retry_interval)
-                    self._warned = True
-                return False
-            self._pending.pop(0)
-            if self._warned and not self._pending:
-                log.warning("MLflow is reachable again; queued calls sent")
-                self._warned = False
-        return True
 
     # --- the run -------------------------------------------------------------
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -257,54 +161,143 @@ class MlflowTracker(NullTracker):
             run_name = f"{run_name}-t{tags['dpcnn.sweep.trial']}"
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        self._replay_earlier()
         try:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run = retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags),
+                        "the start of the run", self.start_wait, self.uri)
         except Exception as e:  # noqa: BLE001
-            raise TrackingError(f"MLflow at {self.uri} refused to create a run ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); fix tracking.uri or run with tracking=none") from None
-        self.run_id = run.info.run_id
-        return self.run_id
+            if transient(e):
+                raise unreachable(self.uri, e) from None
+            raise TrackingError(f"MLflow at {self.uri} refused to create a run ({why(e)}); fix tracking.uri or "
+                                "run with tracking=none") from None
+        return self.attach(run.info.run_id)
 
+    def attach(self, run_id: str) -> str:
+        """Write to an existing run (the sweep's parent) through the journal and the worker."""
+        self.run_id = run_id
+        self.journal = journal_mod.Journal(self.run_dir, run_id, self.uri, self.experiment_id)
+        self._worker = threading.Thread(target=self._work, name="dpcnn-mlflow", daemon=True)
+        self._worker.start()
+        return run_id
+
+    def _replay_earlier(self) -> None:
+        """Journals an earlier run left in this run directory (a resumed run): sent first, idempotently."""
+        try:
+            journal_mod.replay_dir(self.run_dir, self.uri, client=self.client)
+        except Exception as e:  # noqa: BLE001 - the journal stays; training goes on
+            log.warning("could not replay the earlier MLflow journal in %s (%s); send it later with: %s %s",
+                        self.run_dir / journal_mod.DIR, why(e), journal_mod.COMMAND, self.run_dir)
+
+    # --- the queue -----------------------------------------------------------
+    def _submit(self, record: dict) -> None:
+        """Journal ``record`` and queue it; never waits for the network."""
+        if self.journal is None:
+            return
+        with self._cond:  # numbered and queued under one lock, so the worker sees them in order
+            record["seq"] = seq = self.journal.append(record)
+            if self._next == seq and len(self._queue) < self.queue_size:
+                self._queue.append(record)
+                self._next = seq + 1
+            elif not self._spilled_warned and self._next == seq:
+                self._spilled_warned = True
+                log.warning("MLflow queue full (%d records, tracking.queue_size): further records wait in %s "
+                            "and are sent in order", self.queue_size, self.journal.path)
+            self._cond.notify()
+
+    def _head(self) -> dict | None:
+        """The next record to send (reading spilled ones back from the journal); None when stopping."""
+        with self._cond:
+            while True:
+                if self._stop:
+                    return None
+                if not self._queue and self._next < self.journal.count:
+                    records = self.journal.read(self._next, self.queue_size)
+                    self._queue.extend(records)
+                    self._next = records[-1]["seq"] + 1 if records else self.journal.count
+                if self._queue:
+                    return self._queue[0]
+                self._cond.wait()
+
+    def _work(self) -> None:
+        """The worker thread: send records in order, retry while the server is away."""
+        base = self.journal.dir
+        while True:
+            record = self._head()
+            if record is None:
+                return
+            try:
+                send(self.client, self.run_id, self.experiment_id, record, base)
+            except Exception as e:  # noqa: BLE001
+                if transient(e):
+                    self._outage(record, e)
+                    with self._cond:
+                        if self._cond.wait_for(lambda: self._stop, timeout=self.retry_interval):
+                            return
+                    continue
+                log.warning("MLflow refused a %s record and it is dropped (%s)", record["op"], why(e))
+            with self._cond:
+                self._queue.popleft()
+                self._sent = record["seq"] + 1
+                self._cond.notify_all()
+            if self._down_since is not None:
+                log.warning("MLflow at %s is reachable again after %.0f s; sending the queued records", self.uri,
+                            time.monotonic() - self._down_since)
+                self._down_since = None
+
+    def _outage(self, record: dict, e: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("MLflow call %s to %s failed (%s); training continues, records are queued and retried "
+                        "every %g s", record["op"], self.uri, why(e), self.retry_interval)
+
+    @property
+    def unsent(self) -> int:
+        return (self.journal.count - self._sent) if self.journal is not None else 0
+
+    # --- what the run records ------------------------------------------------
     def log_params(self, params: Mapping[str, object]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's per-batch limit
-            self._call("log_batch", self.run_id, params=items[i:i + 100])
+        self._submit({"op": "params", "params": {str(k): str(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        self._call("log_batch", self.run_id, metrics=items)
+        self._submit({"op": "metrics", "metrics": [[k, float(v), now, int(step)] for k, v in metrics.items()]})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call("log_batch", self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._submit({"op": "tags", "tags": {str(k): str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", self.run_id, str(path), artifact_path)
+        self._submit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, name: str) -> None:
-        self._call("log_text", self.run_id, text, name)
+        self._submit({"op": "text", "text": text, "name": name})
 
     def log_artifacts(self, local_dir, artifact_path: str | None = None) -> None:
-        self._call("log_artifacts", self.run_id, str(local_dir), artifact_path)
+        self._submit({"op": "artifacts", "dir": str(Path(local_dir).resolve()), "artifact_path": artifact_path})
 
     def log_inputs(self, datasets: Sequence) -> None:
         """Datasets as run inputs (see `dataset_input`): the UI lists them with the run."""
         if datasets:
-            self._call("log_inputs", self.run_id, datasets=list(datasets))
+            self._submit({"op": "inputs", "datasets": [dataset_record(d) for d in datasets]})
 
-    def log_table(self, data, artifact_file: str) -> None:
-        """A DataFrame (or dict of columns) as a table artifact the UI can display and compare."""
-        self._call("log_table", self.run_id, data=data, artifact_file=artifact_file)
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """A dict of columns as a table artifact the UI can display and compare."""
+        self._submit({"op": "table", "data": {str(k): list(v) for k, v in data.items()},
+                      "artifact_file": artifact_file})
 
-    def call(self, fn: Callable[[], object], what: str) -> None:
-        """Queue any MLflow work (e.g. logging the model) behind the calls before it; ``what`` names it."""
-        self._call(_Named(fn, what))
+    def log_model(self, params, spec: Mapping, example, step: int = 0,
+                  registered_model_name: str | None = None) -> None:
+        """The network as the pyfunc model ``model``: its files wait in the journal folder until logged."""
+        import numpy as np
+
+        if self.journal is None:
+            return
+        folder = self.journal.model_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "weights.npz", params=np.asarray(params))
+        (folder / "spec.json").write_text(json.dumps(dict(spec), indent=1))
+        self._submit({"op": "model", "name": "model", "dir": folder.name, "step": int(step),
+                      "example": np.asarray(example, np.float32).tolist(),
+                      "registered_model_name": registered_model_name})
 
     def start_system_metrics(self, interval: float = 10.0) -> None:
         """Sample CPU, memory, disk and network every ``interval`` s into ``system/*`` metrics.
@@ -334,61 +327,64 @@ class MlflowTracker(NullTracker):
 
     def end(self, status: str = "FINISHED", wait: float | None = None,
             interrupted: Callable[[], bool] | None = None) -> None:
-        """Mark the run ``status``; if MLflow is unreachable, keep retrying for ``wait`` seconds.
+        """Mark the run ``status``; wait up to ``wait`` s (default ``flush_timeout``) for the queue to drain.
 
-        ``wait`` defaults to ``flush_timeout``; ``interrupted()`` returning True
-        (a signal arrived) ends the wait early.
+        ``interrupted()`` returning True (a signal arrived) ends the wait early. Whatever could not
+        be sent stays in the journal, and one line says how to send it.
         """
-        if self.run_id is None:
+        if self.run_id is None or self.journal is None:
             return
         self._stop_system_metrics()
-        self._call("set_terminated", self.run_id, status)
+        self._submit({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
         wait = self.flush_timeout if wait is None else wait
-        if self.flush(force=True):
-            return
-        deadline = time.monotonic() + max(wait, 0.0)
-        if wait > 0:
-            log.warning("MLflow at %s is unreachable; the checkpoint is written. Waiting up to %.0f s for it to "
-                        "send %d queued call(s)", self.uri, wait, len(self._pending))
-        while time.monotonic() < deadline and not (interrupted and interrupted()):
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-            if self.flush(force=True):
-                return
-        self._save_pending()
+        deadline, said = time.monotonic() + max(wait, 0.0), False
+        with self._cond:
+            while self.unsent and time.monotonic() < deadline and not (interrupted and interrupted()):
+                if not said and self._down_since is not None and wait > 0:
+                    log.warning("MLflow at %s is unreachable; waiting up to %.0f s to send %d record(s)", self.uri,
+                                wait, self.unsent)
+                    said = True
+                self._cond.wait(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+            self._stop = True
+            self._cond.notify_all()
+        unsent, journal, self.journal = self.unsent, self.journal, None
+        self._finish_journal(journal, unsent, status)
 
-    def _save_pending(self) -> None:
-        """Keep what could not be sent, so no record of the run is lost."""
-        out = self.run_dir / "mlflow_pending.json"
-        records = [{"method": self._name(m), "args": [repr(a)[:2000] for a in args]} for m, args, _ in self._pending]
+    def _finish_journal(self, journal: journal_mod.Journal, unsent: int, status: str) -> None:
         try:
-            out.write_text(json.dumps({"run_id": self.run_id, "uri": self.uri, "calls": records}, indent=1))
-            log.warning("MLflow unreachable at the end of the run: %d call(s) written to %s", len(records), out)
+            path = journal.close(unsent, status)
         except OSError as e:
-            log.warning("MLflow unreachable and %s not writable (%s): %d call(s) lost", out, e, len(records))
+            log.warning("MLflow: %d record(s) of run %s were not sent and the journal could not be written "
+                        "(%s)", unsent, self.run_id, e)
+            return
+        if path is not None:
+            log.warning("MLflow at %s did not take %d record(s) of run %s (%s); they are in %s. Send them with: "
+                        "%s %s", self.uri, unsent, self.run_id, status, path, journal_mod.COMMAND, self.run_dir)
 
 
 def make_tracker(cfg: Mapping, run_dir: str | Path, is_root: bool) -> NullTracker:
     """The tracker this rank should use: MLflow on rank 0 when tracking.backend is mlflow.
 
     If the store cannot be reached, the returned tracker raises `TrackingError`
-    from ``start`` rather than here.
+    from ``start`` rather than here. A sweep's trial (a parent run is set) waits up
+    to ``tracking.trial_wait`` s for an unreachable server; a plain run fails at once.
     """
     if not is_root or cfg.get("backend", "mlflow") in (None, "none"):
         return NullTracker()
     try:
         return MlflowTracker(cfg.get("uri"), cfg.get("experiment", "dpcnn"), run_dir,
                              flush_timeout=float(cfg.get("flush_timeout", 60.0)),
-                             retry_interval=float(cfg.get("retry_interval", 5.0)))
+                             retry_interval=float(cfg.get("retry_interval", 5.0)),
+                             queue_size=int(cfg.get("queue_size", 10000)),
+                             start_wait=float(cfg.get("trial_wait", 120.0)) if os.environ.get(ENV_PARENT) else 0.0)
     except TrackingError as e:  # raised by start(), on every rank (see _Unreachable)
         return _Unreachable(e)
 
 
 def mark_run(uri: str | None, run_id: str, status: str, tags: Mapping[str, str] | None = None) -> bool:
     """End another run (e.g. one left RUNNING by a killed job) if it is still running."""
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri=uri or default_uri())
+        client = open_client(uri)
         run = client.get_run(run_id)
         for k, v in (tags or {}).items():
             client.set_tag(run_id, k, v)
@@ -396,5 +392,9 @@ def mark_run(uri: str | None, run_id: str, status: str, tags: Mapping[str, str] 
             client.set_terminated(run_id, status)
             return True
     except Exception as e:  # noqa: BLE001
-        log.warning("could not update MLflow run %s: %s", run_id, e)
+        log.warning("could not update MLflow run %s: %s", run_id, why(e))
     return False
+
+
+if __name__ == "__main__":  # python -m dpcnn.tracking replay <run dir>
+    sys.exit(journal_mod.main())
