@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DpcnnError
-from .tracking import existing_store
+from .store import existing_store, fail_fast, why
 
 
 def parse_kv(argv: Sequence[str], allowed: Sequence[str], usage: str) -> dict[str, str]:
@@ -30,12 +30,12 @@ def parse_kv(argv: Sequence[str], allowed: Sequence[str], usage: str) -> dict[st
 
 def download_run_checkpoint(run_id: str, tracking_uri: str | None, dst: str | Path) -> Path:
     """The run's logged ``checkpoints/last.npz``."""
+    fail_fast()  # the same HTTP limits as training: a server that is away is one line within seconds
+    uri = existing_store(tracking_uri)
     import mlflow.artifacts
 
-    uri = existing_store(tracking_uri)
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.npz",
                                                         dst_path=str(dst), tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 - no such run, no checkpoint logged, server down: one line
-        raise DpcnnError(f"cannot get checkpoints/last.npz of run {run_id} from {uri}: "
-                         f"{str(e).splitlines()[0][:300]}") from None
+        raise DpcnnError(f"cannot get checkpoints/last.npz of run {run_id} from {uri}: {why(e)}") from None

@@ -23,7 +23,6 @@ Output: one line per image, ``<source>  <predicted class>  <probability>``
 from __future__ import annotations
 
 import glob
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 from .cli import parse_kv
 from .errors import DpcnnError
 from .idx import read_idx
-from .tracking import default_uri, existing_store
+from .store import default_uri, existing_store, fail_fast, why
 
 KEYS = ("model", "images", "labels", "limit", "tracking_uri", "invert", "top")
 
@@ -114,14 +113,16 @@ class Predictor:
             self.input_shape = tuple(self.spec["input_shape"])
             self.class_names = self.spec["class_names"]
             return
+        # A local model folder needs no store; runs:/ and models:/ need an existing one (checked before the
+        # seconds of importing MLflow).
+        store = (tracking_uri or default_uri()) if path.exists() else existing_store(tracking_uri)
         import mlflow.pyfunc
 
-        # A local model folder needs no store; runs:/ and models:/ need an existing one.
-        mlflow.set_tracking_uri((tracking_uri or default_uri()) if path.exists() else existing_store(tracking_uri))
+        mlflow.set_tracking_uri(store)
         try:
             self._pyfunc = mlflow.pyfunc.load_model(uri)
         except Exception as e:  # noqa: BLE001 - bad URI, no such run, server down: one line
-            raise DpcnnError(f"cannot load model {uri!r}: {str(e).splitlines()[0][:300]}") from None
+            raise DpcnnError(f"cannot load model {uri!r}: {why(e)}") from None
         schema = self._pyfunc.metadata.get_input_schema()
         self.input_shape = (28, 28, 1)
         if schema is not None and schema.is_tensor_spec():
@@ -144,7 +145,7 @@ class Predictor:
 # ------------------------------------------------------------------ command line
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    fail_fast()  # the same HTTP limits as training: one line within seconds when the server is away
     args = parse_kv(sys.argv[1:] if argv is None else argv, KEYS, __doc__)
     missing = [k for k in ("model", "images") if not args.get(k)]
     if missing:

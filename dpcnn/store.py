@@ -60,6 +60,10 @@ def existing_store(uri: str | None = None) -> str:
     if path is not None and not path.exists():
         raise TrackingError(f"no MLflow store at {uri}: run this where you trained (where mlflow.db is), or pass "
                             "tracking_uri=... (or set MLFLOW_TRACKING_URI)")
+    try:
+        probe(uri)
+    except ConnectionError as e:
+        raise unreachable(uri, e) from None
     return uri
 
 
@@ -83,6 +87,24 @@ def check_uri(uri: str) -> str:
             raise TrackingError(f"tracking URI {uri} must name a directory for MLflow's file store (not / or a "
                                 "file), e.g. file:///home/me/mlruns; or use sqlite:///mlflow.db")
     return uri
+
+
+def probe(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) store: raise ``ConnectionError`` at once if nothing answers there (before MLflow is
+    even imported, which takes seconds). Any HTTP answer, an error status included, counts as an answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"{uri}: {reason}") from None
 
 
 def fail_fast() -> None:

@@ -38,8 +38,8 @@ from pathlib import Path
 
 from . import journal as journal_mod
 from .replay import dataset_record, send
-from .store import (TrackingError, default_uri, existing_store, open_client, retry,  # noqa: F401 - re-exported
-                    transient, unreachable, why)
+from .store import (TrackingError, default_uri, existing_store, open_client, probe,  # noqa: F401 - re-exported
+                    retry, transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,8 @@ ENV_TAGS = "DPCNN_MLFLOW_TAGS"
 class _Unreachable:
     """Stands in for a tracker whose store could not be reached: `start` raises the error.
 
-    Only rank 0 builds a real tracker, so raising at construction would stop rank 0
-    alone and leave the others waiting; raised from ``start`` (which the trainer runs
-    under `agree`), every rank stops with the same one-line error.
+    Raised at construction it would stop rank 0 alone; raised from ``start`` (which the trainer
+    runs under `agree`), every rank stops with the same one-line error.
     """
 
     enabled = True
@@ -128,6 +127,7 @@ class MlflowTracker(NullTracker):
         self.client = open_client(self.uri)  # TrackingError (one line) for a bad URI or store
 
         def experiment_id():
+            probe(self.uri)  # nothing listening: fail (or wait) at once, not after MLflow's own attempts
             exp = self.client.get_experiment_by_name(experiment)
             return exp.experiment_id if exp else self.client.create_experiment(experiment)
 

@@ -24,7 +24,6 @@ dataset>`` (default: the run's ``data.root``, then ``$DPCNN_DATA_DIR``).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from .data import load_data
 from .errors import DpcnnError
 from .layers import Conv2D
 from .metrics import confusion_matrix, layer_activations, per_class_metrics, to_display, write_csv
+from .store import fail_fast
 
 if TYPE_CHECKING:
     from .sweep.record import TrialRecord
@@ -298,10 +298,7 @@ USAGE = __doc__[__doc__.index("Command line"):]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Here, not at the top: serving imports mlflow.pyfunc (seconds), and train and the sweep import viz.
-    from .serving import load_checkpoint
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    fail_fast()  # the same HTTP limits as training: one line within seconds when the server is away
     args = parse_kv(sys.argv[1:] if argv is None else argv,
                     ("run_id", "checkpoint", "out", "images", "tracking_uri", "data_root"), USAGE)
     if ("run_id" in args) == ("checkpoint" in args):
@@ -315,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = Path(args["checkpoint"])
                 default_out = Path("viz") / (path.parent.parent.name if path.parent.name == "checkpoints"
                                              else path.stem)
+            # Here, not at the top: serving imports mlflow.pyfunc (seconds), and train and the sweep import viz.
+            from .serving import load_checkpoint
+
             model, spec, cfg, history = load_checkpoint(path)
         data_cfg = dict(cfg["data"])
         if args.get("data_root"):
