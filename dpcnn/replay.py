@@ -172,14 +172,13 @@ class Replay:
     def _missing(self, rec: dict) -> bool:
         """Whether ``rec`` holds anything the run lacks; trims it to the missing part."""
         op = rec["op"]
-        if op == "params":
-            rec["params"] = {k: v for k, v in rec["params"].items() if self.params.get(k) != str(v)}
-            self.params.update({k: str(v) for k, v in rec["params"].items()})
-            return bool(rec["params"])
-        if op == "tags":
-            rec["tags"] = {k: v for k, v in rec["tags"].items() if self.tags.get(k) != str(v)}
-            self.tags.update({k: str(v) for k, v in rec["tags"].items()})
-            return bool(rec["tags"])
+        if op in ("params", "tags"):  # MLflow keeps the first 6,000 / 8,000 characters of a longer value
+            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+            have, limit = (self.params, MAX_PARAM_VAL_LENGTH) if op == "params" else (self.tags, MAX_TAG_VAL_LENGTH)
+            rec[op] = {k: v for k, v in rec[op].items() if have.get(k) != str(v)[:limit]}
+            have.update({k: str(v)[:limit] for k, v in rec[op].items()})
+            return bool(rec[op])
         if op == "metrics":
             rec["metrics"] = [m for m in rec["metrics"] if _point(m) not in self._points(m[0])]
             for m in rec["metrics"]:

@@ -35,6 +35,9 @@ HTTP_TIMEOUT_S = 10
 class TrackingError(DpcnnError):
     """The tracking store cannot be used: a bad URI, a server that cannot be reached or refuses the run."""
 
+    #: Not the trial's fault: a sweep does not report a "best" while such failures stand (dpcnn.sweep).
+    infrastructure = True
+
 
 def default_uri() -> str:
     """$MLFLOW_TRACKING_URI, else SQLite ``mlflow.db`` in the directory the user ran from."""

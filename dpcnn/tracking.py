@@ -1,9 +1,6 @@
 """MLflow on rank 0, a no-op everywhere else; training never waits for it.
 
-The tracker talks to MLflow through ``MlflowClient`` with an explicit run id
-(no global "active run"), so sweeps and nested runs cannot get crossed.
-
-**Never blocks.** Every call (params, metric points stamped with their own
+``MlflowClient`` with an explicit run id: sweeps and nested runs cannot get crossed. **Never blocks.** Every call (params, metric points stamped with their own
 step and time, tags, artifacts, texts, tables, dataset inputs, the model, the
 final status) becomes a plain JSON record, is appended to the run's journal
 (`dpcnn.journal`, a file in the run directory) and handed to one background
@@ -19,9 +16,7 @@ reads them back in order. While the server is away the worker retries every
 stop); what could not be sent stays in ``<run dir>/mlflow_journal/<run id>.json``
 and one line gives the command that sends it later, idempotently:
 ``python -m dpcnn.tracking replay <run dir>``. A run resumed in the same run
-directory replays earlier journals first.
-
-System metrics come from MLflow's own sampler: not journaled, they stop if the server goes away.
+directory replays earlier journals first. System metrics (MLflow's own sampler) are not journaled.
 """
 
 from __future__ import annotations
@@ -38,8 +33,8 @@ from pathlib import Path
 
 from . import journal as journal_mod
 from .replay import dataset_record, send
-from .store import (TrackingError, default_uri, existing_store, open_client, probe,  # noqa: F401 - re-exported
-                    retry, transient, unreachable, why)
+from .store import (TrackingError, check_uri, default_uri, existing_store, open_client,  # noqa: F401 - re-exported
+                    probe, retry, transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)
@@ -124,10 +119,13 @@ class MlflowTracker(NullTracker):
         self.uri, self.run_dir = uri or default_uri(), Path(run_dir)
         self.flush_timeout, self.retry_interval = float(flush_timeout), float(retry_interval)
         self.queue_size, self.start_wait = max(int(queue_size), 1), float(start_wait)
+        try:  # nothing listening: fail (or wait) at once, before the seconds of importing MLflow
+            retry(lambda: probe(check_uri(self.uri)), "the start of the run", self.start_wait, self.uri)
+        except ConnectionError as e:
+            raise unreachable(self.uri, e) from None
         self.client = open_client(self.uri)  # TrackingError (one line) for a bad URI or store
 
         def experiment_id():
-            probe(self.uri)  # nothing listening: fail (or wait) at once, not after MLflow's own attempts
             exp = self.client.get_experiment_by_name(experiment)
             return exp.experiment_id if exp else self.client.create_experiment(experiment)
 
@@ -240,7 +238,7 @@ class MlflowTracker(NullTracker):
                 self._sent = record["seq"] + 1
                 self._cond.notify_all()
             if self._down_since is not None:
-                log.warning("MLflow at %s is reachable again after %.0f s; sending the queued records", self.uri,
+                log.warning("MLflow is reachable again (%s, after %.0f s); sending the queued records", self.uri,
                             time.monotonic() - self._down_since)
                 self._down_since = None
 
@@ -341,7 +339,7 @@ class MlflowTracker(NullTracker):
         with self._cond:
             while self.unsent and time.monotonic() < deadline and not (interrupted and interrupted()):
                 if not said and self._down_since is not None and wait > 0:
-                    log.warning("MLflow at %s is unreachable; waiting up to %.0f s to send %d record(s)", self.uri,
+                    log.warning("MLflow at %s is unreachable; waiting up to %g s to send %d record(s)", self.uri,
                                 wait, self.unsent)
                     said = True
                 self._cond.wait(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))

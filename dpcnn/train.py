@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config, faults, sweep
 from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
 from .dist import Dist
-from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
+from .errors import EXIT_FAILED, EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .evaluate import EpochStats, end_epoch
 from .model import Model
 from .optim import make_optimizer, make_schedule
@@ -320,6 +320,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors to us instead of printing them
     try:
         _hydra_entry()
+        if sweep.TRIAL.infra_failed:  # a sweep some of whose trials the tracking store failed: exit 1, every rank
+            sys.exit(EXIT_FAILED)
     except (HydraException, OmegaConfBaseException, DpcnnError) as e:
         if full_error:
             raise

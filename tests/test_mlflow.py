@@ -25,7 +25,6 @@ from dpcnn import checkpoint
 from dpcnn.data import load_dataset
 from dpcnn.idx import read_idx
 from dpcnn.serving import build_model, normalise, spec_from_config
-from dpcnn.tracking import MlflowTracker
 from dpcnn.tracking_inputs import array_digest
 
 from conftest import MNIST_5K, check_ok, needs_data, run_train, train_env
@@ -244,50 +243,6 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
         assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
         assert "\n" not in str(e.value.code)
     assert not (tmp_path / "mlflow.db").exists()  # looking for a run made no empty store
-
-
-# ------------------------------------------------------------- the queue, in process
-
-class FlakyClient:
-    """Wraps an MlflowClient; raises ConnectionError while ``down``."""
-
-    def __init__(self, client):
-        self.client, self.down, self.calls = client, False, []
-
-    def __getattr__(self, name):
-        method = getattr(self.client, name)
-
-        def call(*args, **kwargs):
-            if self.down:
-                raise ConnectionError("Connection refused")
-            self.calls.append(name)
-            return method(*args, **kwargs)
-        return call
-
-
-def test_tracker_queues_through_an_outage_and_drops_refused_calls(tmp_path):
-    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "q", tmp_path, retry_interval=0, flush_timeout=0)
-    tracker.client = flaky = FlakyClient(tracker.client)
-    tracker.start(run_name="q")
-    rid = tracker.run_id
-    tracker.log_params({"a": 1})
-    flaky.down = True
-    for step in (1, 2, 3):
-        tracker.log_metrics({"loss": 1.0 / step}, step)
-    assert len(tracker._pending) == 3
-    flaky.down = False
-    tracker.log_params({"a": 2})  # refused by the store (a param cannot change): dropped, not blocking
-    tracker.log_metrics({"loss": 0.25}, 4)
-    assert tracker._pending == []
-    client = flaky.client
-    assert [m.step for m in client.get_metric_history(rid, "loss")] == [1, 2, 3, 4]
-    assert client.get_run(rid).data.params["a"] == "1"
-    # Down at the end: the calls are kept on disk instead of lost.
-    flaky.down = True
-    tracker.log_metrics({"loss": 0.2}, 5)
-    tracker.end("FINISHED")
-    pending = json.loads((tmp_path / "mlflow_pending.json").read_text())
-    assert pending["run_id"] == rid and [c["method"] for c in pending["calls"]] == ["log_batch", "set_terminated"]
 
 
 # ------------------------------------------------------------- a real tracking server

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shlex
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..dist import world_rank_and_size
-from ..tracking import ENV_PARENT, ENV_TAGS, default_uri
+from ..store import default_uri, open_client, retry, why
+from ..tracking import ENV_PARENT, ENV_TAGS, MlflowTracker
 from ..tracking_inputs import flatten
 from ..viz import summary_plot
 from .sweeper import search_space
@@ -82,15 +84,21 @@ class SweepCallback(Callback):
     def __init__(self, resume: bool = True, plot: bool = True) -> None:
         self.resume, self.plot = bool(resume), bool(plot)
         self.on = False
+        self.tracker: MlflowTracker | None = None
 
     # --- MLflow, never fatal ---------------------------------------------------------
     def _safe(self, what: str, fn, *args, **kwargs):
+        """``fn(...)``, waiting out a brief outage (``tracking.trial_wait``, not again once one wait expired)."""
         if self.client is None:
             return None
         try:
-            return fn(*args, **kwargs)
+            result = retry(lambda: fn(*args, **kwargs), f"the sweep's {what}", 0 if self.gave_up else self.wait,
+                           self.uri)
+            self.gave_up = False
+            return result
         except Exception as e:  # noqa: BLE001 - tracking must not stop the sweep
-            log.warning("sweep: MLflow %s failed (%s: %s)", what, type(e).__name__, str(e).splitlines()[0][:200])
+            self.gave_up = True
+            log.warning("sweep: MLflow %s failed (%s)", what, why(e))
             return None
 
     # --- hooks -----------------------------------------------------------------------
@@ -112,21 +120,20 @@ class SweepCallback(Callback):
         if self.objective == "test_acc":
             log.warning("sweep: the objective is TEST accuracy (data.val_fraction=0): you are tuning on the test set; "
                         "use data.val_fraction=0.1 or hparams_search=grid|optuna, which do")
-        self.client = self.parent = None
+        self.client = self.parent = self.tracker = None
         tracking = config.get("tracking") or {}
+        self.wait, self.gave_up = float(tracking.get("trial_wait", 120.0)), False
         if tracking.get("backend", "mlflow") not in (None, "none"):
             try:
                 self._start_parent(config, tracking)
             except Exception as e:  # noqa: BLE001
-                log.warning("sweep: no MLflow parent run (%s: %s); trials are tracked as separate runs",
-                            type(e).__name__, str(e).splitlines()[0][:200])
-                self.client = self.parent = None
+                log.warning("sweep: no MLflow parent run (%s); trials are tracked as separate runs", why(e))
+                self.client = self.parent = self.tracker = None
         atexit.register(self._cut_short)
 
     def _start_parent(self, config: DictConfig, tracking) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking.get("uri") or default_uri())
+        self.uri = tracking.get("uri") or default_uri()
+        self.client = open_client(self.uri)
         name = tracking.get("experiment", "dpcnn")
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
@@ -152,24 +159,29 @@ class SweepCallback(Callback):
             self.parent = earlier[0].info.run_id
             resumed = int(earlier[0].data.tags.get("dpcnn.sweep.resumed", "0")) + 1
             self.client.update_run(self.parent, status="RUNNING")
-            self.client.set_tag(self.parent, "dpcnn.sweep.resumed", str(resumed))
-            for k, v in tags.items():
-                self.client.set_tag(self.parent, k, v)
+            self._attach(tracking).set_tags({"dpcnn.sweep.resumed": str(resumed), **tags})
             log.info("sweep: resuming sweep %s in MLflow run %s: %d recorded trial(s) are not trained again "
                      "(hydra.callbacks.sweep.resume=false trains everything anew)", self.key, self.parent,
                      sum(p["status"] in TERMINAL_OK for p in self.previous.values()))
         else:
-            from mlflow.entities import Param
-
             run = self.client.create_run(self.experiment_id, run_name=f"sweep-{self.mode}-{self.key[:6]}", tags=tags)
             self.parent = run.info.run_id
+            self._attach(tracking)
             params = {"sweeper": "dpcnn " + self.mode + (f" ({sampler.get('_target_', '?').rsplit('.', 1)[-1]}, "
                                                          f"seed {sampler.get('seed')})" if sampler else ""),
                       "sweep.mode": self.mode, "sweep.direction": self.direction, "sweep.objective": self.objective,
                       **({"sweep.sampler": json.dumps(sampler, sort_keys=True)} if sampler else {}),
                       **{f"search.{k}": v for k, v in self.space.items()}}
-            self.client.log_batch(self.parent, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            self.tracker.log_params({k: str(v)[:6000] for k, v in params.items()})
         os.environ[ENV_PARENT] = self.parent
+
+    def _attach(self, tracking) -> MlflowTracker:
+        """The parent's own records go through a tracker: never blocking, journaled in the sweep directory."""
+        self.tracker = MlflowTracker(self.uri, tracking.get("experiment", "dpcnn"), self.sweep_dir,
+                                     flush_timeout=float(tracking.get("flush_timeout", 60.0)),
+                                     retry_interval=float(tracking.get("retry_interval", 5.0)))
+        self.tracker.attach(self.parent)
+        return self.tracker
 
     def _remember(self, key, run_id, status, objective) -> None:
         if not key:
@@ -208,10 +220,12 @@ class SweepCallback(Callback):
                 value = float(job_return.return_value)
             except (TypeError, ValueError):
                 pass
-        error = TRIAL.take_error()
+        infra, error = TRIAL.infra, TRIAL.take_error()
+        # A trial the infrastructure failed (the tracking store) is KILLED: a re-run of the sweep trains it again.
+        status = "FINISHED" if math.isfinite(value) else "KILLED" if infra else "FAILED"
         record = TrialRecord(cur["num"], cur["overrides"], {k: _trial_value(config, k) for k in self.space},
-                             cur["key"], value, "FINISHED" if math.isfinite(value) else "FAILED", None,
-                             reused=cur["reused"], error=error, config_yaml=_yaml(job_return.cfg))
+                             cur["key"], value, status, None, reused=cur["reused"], error=error,
+                             config_yaml=_yaml(job_return.cfg))
         if cur["reused"]:
             record.run_id = cur["prev"]["run_id"]
             record.status = cur["prev"]["status"]
@@ -225,7 +239,7 @@ class SweepCallback(Callback):
                     self._safe("status", self.client.set_terminated, record.run_id, "FAILED")
             else:
                 record.run_id = self._failed_child(cur["num"], cur["key"], cur["overrides"], error, config,
-                                                   cur["prev"], cur["attempt"])
+                                                   cur["prev"], cur["attempt"], status)
             if record.run_id:
                 tags = {"dpcnn.sweep.objective": repr(value)}
                 if error:
@@ -240,11 +254,11 @@ class SweepCallback(Callback):
         if not self.on:
             return
         key = digest(sorted(job))
-        run_id = self._failed_child(num, key, job, error, None, None, uuid.uuid4().hex)
+        run_id = self._failed_child(num, key, job, error, None, None, uuid.uuid4().hex, "FAILED")
         self._add(TrialRecord(num, job, {}, key, float("nan"), "FAILED", run_id, error=error))
 
-    def _failed_child(self, num, key, overrides, error, config, prev, attempt) -> str | None:
-        """A FAILED child run for a trial that failed before its own run started."""
+    def _failed_child(self, num, key, overrides, error, config, prev, attempt, status) -> str | None:
+        """A FAILED (or, failed by the infrastructure, KILLED) child run for a trial whose own run never started."""
         if self.client is None:
             return None
         from mlflow.entities import Param
@@ -264,7 +278,7 @@ class SweepCallback(Callback):
             params = [Param(k, v[:6000]) for k, v in flatten(task).items()]
             for i in range(0, len(params), 100):
                 self._safe("params", self.client.log_batch, run.info.run_id, params=params[i:i + 100])
-        self._safe("status", self.client.set_terminated, run.info.run_id, "FAILED")
+        self._safe("status", self.client.set_terminated, run.info.run_id, status)
         return run.info.run_id
 
     def _add(self, record: TrialRecord) -> None:
@@ -272,10 +286,9 @@ class SweepCallback(Callback):
         best = self._best()
         log.info("sweep: trial %d %s: %s %r%s", record.number, record.status, self.objective, record.objective,
                  f" (best so far: trial {best.number}, {best.objective:.4f})" if best else "")
-        if self.client is not None and math.isfinite(record.objective):
-            metrics = {"trial_objective": record.objective, f"best_{self.objective}": best.objective}
-            for k, v in metrics.items():
-                self._safe("metric", self.client.log_metric, self.parent, k, v, step=record.number)
+        if self.tracker is not None and math.isfinite(record.objective):
+            self.tracker.log_metrics({"trial_objective": record.objective, f"best_{self.objective}": best.objective},
+                                     step=record.number)
 
     def _best(self) -> TrialRecord | None:
         ok = [r for r in self.records if math.isfinite(r.objective)]
@@ -301,35 +314,47 @@ class SweepCallback(Callback):
         n_failed = sum(r.status != "FINISHED" for r in self.records)
         tags = {"dpcnn.sweep.trials": str(len(self.records)), "dpcnn.sweep.failed": str(n_failed),
                 "dpcnn.sweep.reused": str(sum(r.reused for r in self.records))}
-        if best is not None:
-            command = command_for(best.overrides, self.world_size)
-            (self.sweep_dir / "best_command.txt").write_text(command + "\n")
-            files.append(self.sweep_dir / "best_command.txt")
-            if best.config_yaml:
-                (self.sweep_dir / "best_config.yaml").write_text(best.config_yaml)
-                files.append(self.sweep_dir / "best_config.yaml")
-            tags.update({"dpcnn.sweep.best_trial": str(best.number), "dpcnn.sweep.best_run_id": best.run_id or "",
-                         f"dpcnn.sweep.best_{self.objective}": repr(best.objective),
-                         "dpcnn.sweep.best_overrides": " ".join(best.overrides)[:5000],
-                         "dpcnn.sweep.best_command": command[:5000]})
+        infra = TRIAL.infra_failed or []
+        if infra:  # a "best" of the survivors would be a lie: the sweep is incomplete, and says how to finish it
+            tags["dpcnn.sweep.infra_failed"] = ",".join(map(str, infra))
+            print(f"dpcnn: error: sweep incomplete: trial(s) {', '.join(map(str, infra))} of {len(self.records)} "
+                  "could not run because the tracking store was unreachable; no best is reported. Run the same "
+                  "command again: the sweep resumes and trains only those", file=sys.stderr, flush=True)
+        elif best is not None:
+            files += self._write_best(best, tags)
             where = f" (MLflow run {best.run_id})" if best.run_id else ""
             print(f"dpcnn: sweep done: {len(self.records)} trial(s), {n_failed} failed; best is trial {best.number} "
-                  f"with {self.objective} {best.objective:.4f}{where}. To train it:\n  {command}", flush=True)
+                  f"with {self.objective} {best.objective:.4f}{where}. To train it:\n  "
+                  f"{command_for(best.overrides, self.world_size)}", flush=True)
         else:
             print(f"dpcnn: sweep done: all {len(self.records)} trial(s) failed", flush=True)
-        if self.client is not None:
-            for k, v in tags.items():
-                self._safe("tag", self.client.set_tag, self.parent, k, v)
-            if best is not None:
-                self._safe("metric", self.client.log_metric, self.parent, f"best_{self.objective}", best.objective)
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)
+            if best is not None and not infra:
+                self.tracker.log_metrics({f"best_{self.objective}": best.objective}, step=0)
             for f in files:
-                self._safe("artifact", self.client.log_artifact, self.parent, str(f))
-            self._safe("end", self.client.set_terminated, self.parent, "FINISHED" if best is not None else "FAILED")
+                self.tracker.log_artifact(f)
+            # Waits (tracking.flush_timeout) for the server; what it does not take stays in the sweep's journal.
+            self.tracker.end("FINISHED" if best is not None and not infra else "FAILED")
+
+    def _write_best(self, best: TrialRecord, tags: dict) -> list[Path]:
+        """best_command.txt and best_config.yaml in the sweep directory; the best trial's tags into ``tags``."""
+        command = command_for(best.overrides, self.world_size)
+        (self.sweep_dir / "best_command.txt").write_text(command + "\n")
+        files = [self.sweep_dir / "best_command.txt"]
+        if best.config_yaml:
+            (self.sweep_dir / "best_config.yaml").write_text(best.config_yaml)
+            files.append(self.sweep_dir / "best_config.yaml")
+        tags.update({"dpcnn.sweep.best_trial": str(best.number), "dpcnn.sweep.best_run_id": best.run_id or "",
+                     f"dpcnn.sweep.best_{self.objective}": repr(best.objective),
+                     "dpcnn.sweep.best_overrides": " ".join(best.overrides)[:5000],
+                     "dpcnn.sweep.best_command": command[:5000]})
+        return files
 
     def _cut_short(self) -> None:
         """At exit without on_multirun_end (an error or a signal ended the sweep): the parent is KILLED."""
-        if self.on and self.client is not None:
-            self._safe("end", self.client.set_terminated, self.parent, "KILLED")
+        if self.on and self.tracker is not None:
+            self.tracker.end("KILLED", wait=min(5.0, self.tracker.flush_timeout))
 
     def _write_csv(self, path: Path) -> Path:
         keys = list(self.space)

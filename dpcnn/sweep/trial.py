@@ -64,8 +64,10 @@ class TrialState:
     - ``skip``: ``(objective, run_id)`` of a config this sweep already ran, set by
       `SweepCallback.on_job_start` (rank 0); `begin_trial` takes it and shares it
       with every rank, and the trial is not trained again.
-    - ``error``: `note_failure` (the task function); `SweepCallback.on_job_end`
-      takes it for the trial's FAILED record.
+    - ``error``, ``infra``: `note_failure` (the task function); `SweepCallback.on_job_end`
+      takes them for the trial's FAILED record (KILLED, to be trained again, when ``infra``).
+    - ``infra_failed``: the trials whose failure was the infrastructure's (every rank); read by
+      `SweepCallback.on_multirun_end` (no "best") and `dpcnn.train.main` (exit 1).
     - ``recorder``: the `SweepCallback` of the sweep running in this process
       (rank 0, between multirun start and end; None elsewhere); `MpiSweeper`
       hands it the trials that did not even compose.
@@ -76,6 +78,8 @@ class TrialState:
     skip: tuple[float, str] | None = None
     error: str | None = None
     recorder: SweepCallback | None = None
+    infra: bool = False     # this trial's failure was the infrastructure's (the tracking store), not its config
+    infra_failed: list[int] | None = None  # such trials of this sweep, on every rank (dpcnn.train exits 1)
 
     def begin(self, cfg: DictConfig, dist) -> float | None:
         """Check that every rank composed the same trial; returns a recorded objective if it need not be trained.
@@ -93,7 +97,7 @@ class TrialState:
         if dist.is_root:
             skip, self.skip = self.skip, None
             compared = self.recorder.objective if self.recorder is not None else None
-        self.num, self.digest, self.error = num, mine, None
+        self.num, self.digest, self.error, self.infra = num, mine, None, False
         skip, compared = dist.bcast((skip, compared))
         if compared is not None and objective_name(cfg) != compared:
             raise SweepError(f"trial {num} would return {objective_name(cfg)} but the sweep compares {compared}: "
@@ -108,6 +112,9 @@ class TrialState:
     def note_failure(self, error: BaseException) -> None:
         """The trial failed with a reported error (it returns NaN); remembered for its FAILED record."""
         self.error = f"{type(error).__name__}: {error}"
+        self.infra = bool(getattr(error, "infrastructure", False))
+        if self.infra:
+            self.infra_failed = [*(self.infra_failed or []), self.num]
 
     def take_error(self) -> str | None:
         """The error `note_failure` noted for this trial, if any (and forget it)."""
