@@ -154,7 +154,9 @@ class Replay:
             if rec["op"] == "end":
                 end = rec
                 continue
-            if self._missing(rec):
+            if rec["op"] == "model":  # looks for a READY model itself
+                sent += log_model_once(self.client, self.run_id, self.experiment_id, rec, self.base)
+            elif self._missing(rec):
                 send(self.client, self.run_id, self.experiment_id, rec, self.base)
                 sent += 1
         if end is None:  # the job died without ending its run (kill -9, a lost node)
@@ -195,7 +197,7 @@ class Replay:
             return have is None or (size is not None and have != size)
         if op == "artifacts":
             return self._missing_files(Path(rec["dir"]), rec.get("artifact_path"))
-        return op == "model"  # log_model_once itself checks for a READY model
+        raise ValueError(f"unknown journal op {op!r}")
 
     def _missing_files(self, local: Path, artifact_path: str | None) -> bool:
         for f in sorted(p for p in local.rglob("*") if p.is_file()):

@@ -325,10 +325,10 @@ class MlflowTracker(NullTracker):
 
     def end(self, status: str = "FINISHED", wait: float | None = None,
             interrupted: Callable[[], bool] | None = None) -> None:
-        """Mark the run ``status``; wait up to ``wait`` s (default ``flush_timeout``) for the queue to drain.
+        """Mark the run ``status`` and wait for the queue to drain: as long as the server answers, and up to
+        ``wait`` s (default ``flush_timeout``) of it not answering.
 
-        ``interrupted()`` returning True (a signal arrived) ends the wait early. Whatever could not
-        be sent stays in the journal, and one line says how to send it.
+        ``interrupted()`` (a signal arrived) ends the wait at once. What was not sent stays in the journal.
         """
         if self.run_id is None or self.journal is None:
             return
@@ -338,6 +338,8 @@ class MlflowTracker(NullTracker):
         deadline, said = time.monotonic() + max(wait, 0.0), False
         with self._cond:
             while self.unsent and time.monotonic() < deadline and not (interrupted and interrupted()):
+                if self._down_since is None:  # a slow but healthy server (logging the model, say) is waited for
+                    deadline = max(deadline, time.monotonic() + max(wait, 0.0))
                 if not said and self._down_since is not None and wait > 0:
                     log.warning("MLflow at %s is unreachable; waiting up to %g s to send %d record(s)", self.uri,
                                 wait, self.unsent)
