@@ -190,17 +190,23 @@ class RootOutputs:
             return
         if self.bar is not None:
             self.bar.close()
-        if summary:
-            self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
-        # Plots and the model only for a finished run: a KILLED job (a signal) should exit
-        # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
-        faults.check("end", 0, self.history[-1]["step"] if self.history else 0, self.interrupted)
-        if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
-            self._log_results(model)
-        if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
-            self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
-        # An unreachable server is waited for (tracking.flush_timeout), unless a signal says stop.
-        self.tracker.end(status, interrupted=self.interrupted)
+        try:
+            if summary:
+                self.tracker.set_tags({f"dpcnn.final.{k}": f"{v:.6g}" for k, v in summary.items()})
+            # Plots and the model only for a finished run: a KILLED job (a signal) should exit
+            # promptly and is resumed from its checkpoint; a FAILED one has nothing to show.
+            faults.check("end", 0, self.history[-1]["step"] if self.history else 0, self.interrupted)
+            if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
+                self._log_results(model)
+            if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
+                self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
+        except BaseException:
+            status = "FAILED" if status == "FINISHED" else status  # the end itself failed
+            raise
+        finally:
+            # The queue drains while the server answers (and up to tracking.flush_timeout while it does not,
+            # unless a signal says stop); what it did not take stays in the journal, whatever the exit path.
+            self.tracker.end(status, interrupted=self.interrupted)
 
 
 def _git_commit() -> str | None:

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from dpcnn import journal
 
-from conftest import MPIRUN, REPO, check_ok, needs_data, run_train, train_env
-from test_mlflow import BIN, QUIET, free_port, start_server, stop_group
+from conftest import MPIRUN, check_ok, needs_data, run_train, train_env
+from test_mlflow import QUIET, free_port, start_server, stop_group
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 #: A short real run: 2,000 images, 2 epochs of 32 steps, the loss every 5 steps, plots and the model at the end.
@@ -28,6 +28,35 @@ STEPS = 64
 #: Metrics whose values are timings (they differ between any two runs); their steps must still match.
 TIMINGS = {"img_per_s", "wall_img_per_s", "step_time_s", "epoch_time_s", "elapsed_s", "peak_rss_mb", "allreduce_frac"}
 LEAN = ["++tracking.plots=false", "++tracking.log_model=false", "++tracking.datasets=false"]
+
+
+class Server:
+    """A real ``mlflow server`` on 127.0.0.1 for one test, with its store in the test's directory."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = start_server(root, self.port)
+
+    def kill(self) -> None:
+        stop_group(self.proc, signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.proc = start_server(self.root, self.port)
+
+    def signal(self, sig) -> None:
+        os.killpg(self.proc.pid, sig)
+
+
+@pytest.fixture
+def server(workdir):
+    srv = Server(workdir)
+    yield srv
+    try:
+        srv.signal(signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    stop_group(srv.proc)
 
 
 def popen_train(ranks: int, *overrides: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
@@ -79,141 +108,114 @@ def snapshot(client: MlflowClient, run_id: str) -> dict:
             "status": run.info.status}
 
 
-def test_server_down_past_the_end_journal_then_replay_equals_an_undisturbed_run(workdir):
+def test_server_down_past_the_end_journal_then_replay_equals_an_undisturbed_run(workdir, server):
     needs_data()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(workdir, port)
-    try:
-        check_ok(run_train(2, *ARGS, f"tracking.uri={uri}", "tracking.experiment=ref", "tracking.flush_timeout=3",
-                           f"hydra.run.dir={workdir / 'ref'}", cwd=workdir))
-        client = MlflowClient(uri)
-        (ref,) = runs_of(client, "ref")
-        run_dir = workdir / "lost"
-        train = popen_train(2, *ARGS, f"tracking.uri={uri}", "tracking.experiment=lost", "tracking.flush_timeout=3",
-                            f"hydra.run.dir={run_dir}", cwd=workdir)
-        wait_for(lambda: runs_of(client, "lost"), 120, "the run to appear", train)
-        stop_group(server, signal.SIGKILL)
-        out, err = train.communicate(timeout=300)
-        assert train.returncode == 0, err[-3000:]
-        (path,) = (run_dir / journal.DIR).glob("*.json")
-        log = (run_dir / "train.log").read_text()
-        assert f"Send them with: python -m dpcnn.tracking replay {run_dir}" in log, log[-2000:]
-        # The journal: plain JSON, no pickle; every record of the run, the model's files beside it.
-        doc = json.loads(path.read_text())
-        assert "pickle" not in path.read_text()
-        ops = [r["op"] for r in doc["records"]]
-        assert {"params", "tags", "metrics", "text", "inputs", "artifacts", "table", "artifact", "model"} <= set(ops)
-        assert ops[-1] == "end" and doc["status"] == "FINISHED"
-        steps = sorted({m[3] for r in doc["records"] if r["op"] == "metrics" for m in r["metrics"]
-                        if m[0] == "train_loss_step"})
-        assert steps == list(range(5, STEPS + 1, 5))
-        model = next(r for r in doc["records"] if r["op"] == "model")
-        assert (path.parent / model["dir"] / "weights.npz").is_file()
+    common = [*ARGS, f"tracking.uri={server.uri}", "tracking.flush_timeout=3"]
+    check_ok(run_train(2, *common, "tracking.experiment=ref", f"hydra.run.dir={workdir / 'ref'}", cwd=workdir))
+    client = MlflowClient(server.uri)
+    (ref,) = runs_of(client, "ref")
+    run_dir = workdir / "lost"
+    train = popen_train(2, *common, "tracking.experiment=lost", f"hydra.run.dir={run_dir}", cwd=workdir)
+    wait_for(lambda: runs_of(client, "lost"), 120, "the run to appear", train)
+    server.kill()
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err[-3000:]
+    (path,) = (run_dir / journal.DIR).glob("*.json")
+    log = (run_dir / "train.log").read_text()
+    assert f"Send them with: python -m dpcnn.tracking replay {run_dir}" in log, log[-2000:]
+    # The journal: plain JSON, no pickle; every record of the run, the model's files beside it.
+    doc = json.loads(path.read_text())
+    assert "pickle" not in path.read_text()
+    ops = [r["op"] for r in doc["records"]]
+    assert {"params", "tags", "metrics", "text", "inputs", "artifacts", "table", "artifact", "model"} <= set(ops)
+    assert ops[-1] == "end" and doc["status"] == "FINISHED"
+    steps = sorted({m[3] for r in doc["records"] if r["op"] == "metrics" for m in r["metrics"]
+                    if m[0] == "train_loss_step"})
+    assert steps == list(range(5, STEPS + 1, 5))
+    model = next(r for r in doc["records"] if r["op"] == "model")
+    assert (path.parent / model["dir"] / "weights.npz").is_file()
 
-        server = start_server(workdir, port)
-        replay = [sys.executable, "-m", "dpcnn.tracking", "replay", str(run_dir)]
-        first = subprocess.run(replay, cwd=workdir, env=train_env(), capture_output=True, text=True, timeout=300)
-        check_ok(first)
-        (lost,) = runs_of(client, "lost")
-        assert lost.data.tags["dpcnn.replayed"] == "true"
-        after = snapshot(client, lost.info.run_id)
-        assert after == snapshot(client, ref.info.run_id)  # as if the server had never gone away
-        assert after["status"] == "FINISHED" and after["models"] == [("model", "READY")]
-        second = subprocess.run(replay, cwd=workdir, env=train_env(), capture_output=True, text=True, timeout=300)
-        check_ok(second)
-        assert "nothing sent" in second.stdout, second.stdout
-        assert snapshot(client, lost.info.run_id) == after
-    finally:
-        stop_group(server)
+    server.restart()
+    replay = [sys.executable, "-m", "dpcnn.tracking", "replay", str(run_dir)]
+    check_ok(subprocess.run(replay, cwd=workdir, env=train_env(), capture_output=True, text=True, timeout=300))
+    (lost,) = runs_of(client, "lost")
+    assert lost.data.tags["dpcnn.replayed"] == "true"
+    after = snapshot(client, lost.info.run_id)
+    assert after == snapshot(client, ref.info.run_id)  # as if the server had never gone away
+    assert after["status"] == "FINISHED" and after["models"] == [("model", "READY")]
+    second = subprocess.run(replay, cwd=workdir, env=train_env(), capture_output=True, text=True, timeout=300)
+    check_ok(second)
+    assert "nothing sent" in second.stdout, second.stdout
+    assert snapshot(client, lost.info.run_id) == after
 
 
-def test_server_hung_with_sigstop_every_record_arrives(workdir):
+def test_server_hung_with_sigstop_every_record_arrives(workdir, server):
     """SIGSTOP the server for 30 s once the run exists: the job ends normally, everything arrives after SIGCONT."""
     needs_data()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(workdir, port)
     run_dir = workdir / "run"
-    try:
-        train = popen_train(2, *ARGS, f"tracking.uri={uri}", "tracking.experiment=hung", "tracking.flush_timeout=90",
-                            f"hydra.run.dir={run_dir}", cwd=workdir)
-        client = MlflowClient(uri)
-        wait_for(lambda: runs_of(client, "hung"), 120, "the run to appear", train)
-        os.killpg(server.pid, signal.SIGSTOP)
-        time.sleep(30)
-        os.killpg(server.pid, signal.SIGCONT)
-        out, err = train.communicate(timeout=300)
-        assert train.returncode == 0, err[-3000:]
-        (run,) = runs_of(client, "hung")
-        snap = snapshot(client, run.info.run_id)
-        assert snap["status"] == "FINISHED" and snap["models"] == [("model", "READY")]
-        assert [s for s, _ in snap["metrics"]["train_loss_step"]] == list(range(5, STEPS + 1, 5))
-        assert [s for s, _ in snap["metrics"]["test_acc"]] == [32, 64]
-        assert {"checkpoints/last.npz", "config.yaml", "plots/confusion_matrix.png"} <= snap["artifacts"]
-        assert not (run_dir / journal.DIR).exists()
-    finally:
-        os.killpg(server.pid, signal.SIGCONT)
-        stop_group(server)
+    train = popen_train(2, *ARGS, f"tracking.uri={server.uri}", "tracking.experiment=hung",
+                        "tracking.flush_timeout=90", f"hydra.run.dir={run_dir}", cwd=workdir)
+    client = MlflowClient(server.uri)
+    wait_for(lambda: runs_of(client, "hung"), 120, "the run to appear", train)
+    server.signal(signal.SIGSTOP)
+    time.sleep(30)
+    server.signal(signal.SIGCONT)
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err[-3000:]
+    (run,) = runs_of(client, "hung")
+    snap = snapshot(client, run.info.run_id)
+    assert snap["status"] == "FINISHED" and snap["models"] == [("model", "READY")]
+    assert [s for s, _ in snap["metrics"]["train_loss_step"]] == list(range(5, STEPS + 1, 5))
+    assert [s for s, _ in snap["metrics"]["test_acc"]] == [32, 64]
+    assert {"checkpoints/last.npz", "config.yaml", "plots/confusion_matrix.png"} <= snap["artifacts"]
+    assert not (run_dir / journal.DIR).exists()
 
 
-def test_killed_job_and_server_resume_replays_the_earlier_journal(workdir):
+def test_killed_job_and_server_resume_replays_the_earlier_journal(workdir, server):
     needs_data()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(workdir, port)
     run_dir = workdir / "run"
-    common = [*ARGS, f"tracking.uri={uri}", "tracking.experiment=k9", "trainer.checkpoint_every=10",
+    common = [*ARGS, f"tracking.uri={server.uri}", "tracking.experiment=k9", "trainer.checkpoint_every=10",
               f"hydra.run.dir={run_dir}"]
-    try:
-        train = popen_train(2, *common, cwd=workdir, env=train_env(DPCNN_FAULT="rank=0,step=40,action=kill"))
-        client = MlflowClient(uri)
-        wait_for(lambda: runs_of(client, "k9"), 120, "the run to appear", train)
-        stop_group(server, signal.SIGKILL)
-        train.communicate(timeout=300)
-        assert train.returncode != 0
-        (wal,) = (run_dir / journal.DIR).glob("*.jsonl")  # what the killed rank 0 had written
-        server = start_server(workdir, port)
-        check_ok(run_train(2, *common, "trainer.resume=auto", cwd=workdir))
-        runs = {r.info.status: r for r in runs_of(client, "k9")}
-        old, new = runs["FAILED"], runs["FINISHED"]
-        assert new.data.tags["dpcnn.resumed_from"] == old.info.run_id == wal.stem
-        assert old.data.tags["dpcnn.replayed"] == "true" and old.data.params["model.name"] == "tiny"
-        assert [m.step for m in client.get_metric_history(old.info.run_id, "train_loss_step")] == list(range(5, 41, 5))
-        assert [m.step for m in client.get_metric_history(new.info.run_id, "train_loss_step")] == \
-            list(range(45, STEPS + 1, 5))
-        assert not journal.find(run_dir) and (run_dir / journal.DIR / f"{wal.stem}.replayed.json").is_file()
-    finally:
-        stop_group(server)
+    train = popen_train(2, *common, cwd=workdir, env=train_env(DPCNN_FAULT="rank=0,step=40,action=kill"))
+    client = MlflowClient(server.uri)
+    wait_for(lambda: runs_of(client, "k9"), 120, "the run to appear", train)
+    server.kill()
+    train.communicate(timeout=300)
+    assert train.returncode != 0
+    (wal,) = (run_dir / journal.DIR).glob("*.jsonl")  # what the killed rank 0 had written
+    server.restart()
+    check_ok(run_train(2, *common, "trainer.resume=auto", cwd=workdir))
+    runs = {r.info.status: r for r in runs_of(client, "k9")}
+    old, new = runs["FAILED"], runs["FINISHED"]
+    assert new.data.tags["dpcnn.resumed_from"] == old.info.run_id == wal.stem
+    assert old.data.tags["dpcnn.replayed"] == "true" and old.data.params["model.name"] == "tiny"
+    assert [m.step for m in client.get_metric_history(old.info.run_id, "train_loss_step")] == list(range(5, 41, 5))
+    assert [m.step for m in client.get_metric_history(new.info.run_id, "train_loss_step")] == \
+        list(range(45, STEPS + 1, 5))
+    assert not journal.find(run_dir) and (run_dir / journal.DIR / f"{wal.stem}.replayed.json").is_file()
 
 
-def test_sweep_rides_out_an_outage_at_a_trial_boundary(workdir):
+def test_sweep_rides_out_an_outage_at_a_trial_boundary(workdir, server):
     """The server dies as trial 0 ends and is back 20 s later: every trial trains, the parent ends FINISHED."""
     needs_data()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(workdir, port)
-    try:
-        sweep = popen_train(2, "-m", "model=tiny", "trainer=debug", "data.val_fraction=0.1", *LEAN,
-                            f"tracking.uri={uri}", "tracking.experiment=sw", "tracking.retry_interval=1",
-                            "optimizer.lr=0.01,0.05,0.2", QUIET, cwd=workdir)
-        client = MlflowClient(uri)
-        wait_for(lambda: any(r.info.status == "FINISHED" and r.data.tags.get("dpcnn.sweep.trial") == "0"
-                             for r in runs_of(client, "sw")), 240, "trial 0 to finish", sweep)
-        stop_group(server, signal.SIGKILL)
-        time.sleep(20)
-        server = start_server(workdir, port)
-        out, err = sweep.communicate(timeout=600)
-        assert sweep.returncode == 0, err[-3000:]
-        assert "best is trial" in out and "waiting up to" in err + out, (out[-2000:], err[-2000:])
-        runs = runs_of(client, "sw")
-        parents = [r for r in runs if r.data.tags.get("dpcnn.sweep.role") == "parent"]
-        children = [r for r in runs if r not in parents]
-        assert [p.info.status for p in parents] == ["FINISHED"]
-        assert sorted(r.data.tags["dpcnn.sweep.trial"] for r in children) == ["0", "1", "2"]
-        assert {r.info.status for r in children} == {"FINISHED"}
-    finally:
-        stop_group(server)
+    sweep = popen_train(2, "-m", "model=tiny", "trainer=debug", "data.val_fraction=0.1", *LEAN,
+                        f"tracking.uri={server.uri}", "tracking.experiment=sw", "tracking.retry_interval=1",
+                        "optimizer.lr=0.01,0.05,0.2", QUIET, cwd=workdir)
+    client = MlflowClient(server.uri)
+    wait_for(lambda: any(r.info.status == "FINISHED" and r.data.tags.get("dpcnn.sweep.trial") == "0"
+                         for r in runs_of(client, "sw")), 240, "trial 0 to finish", sweep)
+    server.kill()
+    time.sleep(20)
+    server.restart()
+    out, err = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, err[-3000:]
+    assert "best is trial" in out and "waiting up to" in err + out, (out[-2000:], err[-2000:])
+    runs = runs_of(client, "sw")
+    parents = [r for r in runs if r.data.tags.get("dpcnn.sweep.role") == "parent"]
+    children = [r for r in runs if r not in parents]
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert sorted(r.data.tags["dpcnn.sweep.trial"] for r in children) == ["0", "1", "2"]
+    assert {r.info.status for r in children} == {"FINISHED"}
 
 
 def test_four_jobs_at_once_on_a_fresh_sqlite_store(workdir):
