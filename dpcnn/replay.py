@@ -157,8 +157,7 @@ class Replay:
             if rec["op"] == "model":  # looks for a READY model itself
                 sent += log_model_once(self.client, self.run_id, self.experiment_id, rec, self.base)
             elif self._missing(rec):
-                send(self.client, self.run_id, self.experiment_id, rec, self.base)
-                sent += 1
+                sent += self._send(rec)
         if end is None:  # the job died without ending its run (kill -9, a lost node)
             end = {"op": "end", "status": "FAILED", "end_time": None}
             self.doc.setdefault("records", []).append(end)
@@ -170,6 +169,19 @@ class Replay:
             send(self.client, self.run_id, self.experiment_id, end, self.base)
             sent += 1
         return sent
+
+    def _send(self, rec: dict) -> int:
+        """Send ``rec``: 1; a record MLflow refuses (as it did live, e.g. a changed param) is skipped: 0."""
+        from .store import transient, why
+
+        try:
+            send(self.client, self.run_id, self.experiment_id, rec, self.base)
+            return 1
+        except Exception as e:
+            if transient(e):
+                raise
+            log.warning("MLflow refuses the journal's %s record %s (%s); skipped", rec["op"], rec.get("seq"), why(e))
+            return 0
 
     def _missing(self, rec: dict) -> bool:
         """Whether ``rec`` holds anything the run lacks; trims it to the missing part."""

@@ -229,6 +229,29 @@ def open_client(uri: str | None = None):
                             "tracking=none") from None
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created if needed (another job creating it at the same moment is fine)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)  # created by a job started at the same time
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def create_run_once(client, experiment: str, run_name: str | None, tags: dict, key: str):
+    """``client.create_run``, safe to retry: a run tagged ``dpcnn.run_key=key`` that an earlier attempt
+    created (its answer lost in an outage) is found and used instead of creating a second one."""
+    found = client.search_runs([experiment], filter_string=f"tags.`dpcnn.run_key` = '{key}'", max_results=1)
+    if found:
+        return found[0]
+    return client.create_run(experiment, run_name=run_name, tags={**tags, "dpcnn.run_key": key})
+
+
 def unreachable(uri: str, e: BaseException) -> TrackingError:
     """The one line for a store that did not answer."""
     hint = ""

@@ -27,14 +27,15 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import journal as journal_mod
 from .replay import dataset_record, send
-from .store import (TrackingError, check_uri, default_uri, existing_store, open_client,  # noqa: F401 - re-exported
-                    probe, retry, transient, unreachable, why)
+from .store import (TrackingError, check_uri, create_run_once, default_uri, existing_store,  # noqa: F401
+                    experiment_id, open_client, probe, retry, transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,9 @@ class MlflowTracker(NullTracker):
         except ConnectionError as e:
             raise unreachable(self.uri, e) from None
         self.client = open_client(self.uri)  # TrackingError (one line) for a bad URI or store
-
-        def experiment_id():
-            exp = self.client.get_experiment_by_name(experiment)
-            return exp.experiment_id if exp else self.client.create_experiment(experiment)
-
         try:
-            self.experiment_id = retry(experiment_id, "the start of the run", self.start_wait, self.uri)
+            self.experiment_id = retry(lambda: experiment_id(self.client, experiment), "the start of the run",
+                                       self.start_wait, self.uri)
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot track"
             raise unreachable(self.uri, e) from None
         self.run_id: str | None = None
@@ -161,7 +158,8 @@ class MlflowTracker(NullTracker):
             tags["mlflow.parentRunId"] = parent_run_id
         self._replay_earlier()
         try:
-            run = retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags),
+            key = uuid.uuid4().hex  # a retried create_run finds the run an earlier attempt made
+            run = retry(lambda: create_run_once(self.client, self.experiment_id, run_name, tags, key),
                         "the start of the run", self.start_wait, self.uri)
         except Exception as e:  # noqa: BLE001
             if transient(e):

@@ -312,7 +312,7 @@ def test_server_outage_mid_run_loses_no_training(workdir):
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.npz"]
         (model,) = client.search_logged_models([run.info.experiment_id])
         assert model.source_run_id == run.info.run_id and str(model.status) == "READY"
-        assert not (run_dir / "mlflow_pending.json").exists()
+        assert not (run_dir / "mlflow_journal").exists()  # everything arrived: no journal left
     finally:
         if train.poll() is None:
             train.kill()

@@ -218,6 +218,27 @@ def test_sweep_rides_out_an_outage_at_a_trial_boundary(workdir, server):
     assert {r.info.status for r in children} == {"FINISHED"}
 
 
+def test_sweep_whose_server_stays_away_reports_no_best_and_exits_1(workdir, server):
+    """Trial 1 cannot start (the server is gone): no "best" of the survivors, exit 1; the parent, replayed, FAILED."""
+    needs_data()
+    sweep = popen_train(2, "-m", "model=tiny", "trainer=debug", "data.val_fraction=0.1", *LEAN,
+                        f"tracking.uri={server.uri}", "tracking.experiment=gone", "tracking.retry_interval=1",
+                        "tracking.trial_wait=2", "tracking.flush_timeout=2", "optimizer.lr=0.01,0.05", QUIET,
+                        cwd=workdir, env=train_env(DPCNN_RUN_STAMP="s"))
+    client = MlflowClient(server.uri)
+    wait_for(lambda: any(r.info.status == "FINISHED" and r.data.tags.get("dpcnn.sweep.trial") == "0"
+                         for r in runs_of(client, "gone")), 240, "trial 0 to finish", sweep)
+    server.kill()
+    out, err = sweep.communicate(timeout=600)
+    assert sweep.returncode == 1, err[-3000:]
+    assert "sweep incomplete: trial(s) 1 of 2" in err and "best is" not in out, (out[-2000:], err[-2000:])
+    server.restart()
+    replay = [sys.executable, "-m", "dpcnn.tracking", "replay", str(workdir / "multirun" / "s")]
+    check_ok(subprocess.run(replay, cwd=workdir, env=train_env(), capture_output=True, text=True, timeout=300))
+    (parent,) = [r for r in runs_of(client, "gone") if r.data.tags.get("dpcnn.sweep.role") == "parent"]
+    assert parent.info.status == "FAILED" and parent.data.tags["dpcnn.sweep.infra_failed"] == "1"
+
+
 def test_four_jobs_at_once_on_a_fresh_sqlite_store(workdir):
     needs_data()
     cmd = [sys.executable, "-m", "dpcnn.train", "model=tiny", "trainer=debug", *LEAN, QUIET]

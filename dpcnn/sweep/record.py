@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..dist import world_rank_and_size
-from ..store import default_uri, open_client, retry, why
+from ..store import default_uri, experiment_id, open_client, retry, why
 from ..tracking import ENV_PARENT, ENV_TAGS, MlflowTracker
 from ..tracking_inputs import flatten
 from ..viz import summary_plot
@@ -135,8 +135,7 @@ class SweepCallback(Callback):
         self.uri = tracking.get("uri") or default_uri()
         self.client = open_client(self.uri)
         name = tracking.get("experiment", "dpcnn")
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id = experiment_id(self.client, name)
         earlier = self.client.search_runs(
             [self.experiment_id], order_by=["attributes.start_time DESC"],
             filter_string=f"tags.`dpcnn.sweep.key` = '{self.key}' and tags.`dpcnn.sweep.role` = 'parent'")
@@ -237,7 +236,7 @@ class SweepCallback(Callback):
                 if not math.isfinite(value) and record.status == "FINISHED":
                     record.status = "FAILED"  # finished but produced no usable objective
                     self._safe("status", self.client.set_terminated, record.run_id, "FAILED")
-            else:
+            elif status != "FINISHED":  # (a trial that ran has its run, even if the store could not say so now)
                 record.run_id = self._failed_child(cur["num"], cur["key"], cur["overrides"], error, config,
                                                    cur["prev"], cur["attempt"], status)
             if record.run_id:
