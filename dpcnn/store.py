@@ -145,7 +145,7 @@ def transient(e: BaseException) -> bool:
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:  # pragma: no cover
-        MlflowException = ()  # noqa: N806
+        MlflowException = ()
     if isinstance(e, MlflowException):
         if e.error_code in PERMANENT_ERRORS:
             return False
@@ -154,7 +154,7 @@ def transient(e: BaseException) -> bool:
     try:
         from requests import RequestException
     except ImportError:  # pragma: no cover
-        RequestException = OSError  # noqa: N806
+        RequestException = OSError
     return isinstance(e, (OSError, RequestException, TimeoutError, ConnectionError)) or \
         "database is locked" in str(e)
 
@@ -267,7 +267,7 @@ def retry(fn, what: str, wait: float, uri: str, interval: float = 2.0):
     while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not transient(e) or time.monotonic() + interval > deadline:
                 raise
             if not warned:

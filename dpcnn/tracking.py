@@ -34,8 +34,8 @@ from pathlib import Path
 
 from . import journal as journal_mod
 from .replay import dataset_record, send
-from .store import (TrackingError, check_uri, create_run_once, default_uri, existing_store,  # noqa: F401
-                    experiment_id, open_client, probe, retry, transient, unreachable, why)
+from .store import (TrackingError, check_uri, create_run_once, default_uri, experiment_id, open_client, probe,
+                    retry, transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
 
 log = logging.getLogger(__name__)

@@ -146,11 +146,11 @@ def test_store_lock_and_repair(tmp_path):
     assert errors == []
 
     # Half-migrated: the schema of an older revision, with alembic's temporary table left behind.
+    import sqlalchemy
     from alembic import command
     from alembic.script import ScriptDirectory
     from mlflow.store.db.utils import _get_alembic_config
     from mlflow.store.tracking.dbmodels.initial_models import Base
-    import sqlalchemy
 
     half = tmp_path / "half.db"
     engine = sqlalchemy.create_engine(f"sqlite:///{half}")

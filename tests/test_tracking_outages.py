@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import MPIRUN, check_ok, needs_data, run_train, train_env
 from mlflow.tracking import MlflowClient
+from test_mlflow import QUIET, free_port, start_server, stop_group
 
 from dpcnn import journal
-
-from conftest import MPIRUN, check_ok, needs_data, run_train, train_env
-from test_mlflow import QUIET, free_port, start_server, stop_group
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 #: A short real run: 2,000 images, 2 epochs of 32 steps, the loss every 5 steps, plots and the model at the end.
@@ -118,7 +117,7 @@ def test_server_down_past_the_end_journal_then_replay_equals_an_undisturbed_run(
     train = popen_train(2, *common, "tracking.experiment=lost", f"hydra.run.dir={run_dir}", cwd=workdir)
     wait_for(lambda: runs_of(client, "lost"), 120, "the run to appear", train)
     server.kill()
-    out, err = train.communicate(timeout=300)
+    _, err = train.communicate(timeout=300)
     assert train.returncode == 0, err[-3000:]
     (path,) = (run_dir / journal.DIR).glob("*.json")
     log = (run_dir / "train.log").read_text()
@@ -160,7 +159,7 @@ def test_server_hung_with_sigstop_every_record_arrives(workdir, server):
     server.signal(signal.SIGSTOP)
     time.sleep(30)
     server.signal(signal.SIGCONT)
-    out, err = train.communicate(timeout=300)
+    _, err = train.communicate(timeout=300)
     assert train.returncode == 0, err[-3000:]
     (run,) = runs_of(client, "hung")
     snap = snapshot(client, run.info.run_id)
@@ -245,7 +244,7 @@ def test_four_jobs_at_once_on_a_fresh_sqlite_store(workdir):
     jobs = [subprocess.Popen([*cmd, f"hydra.run.dir={workdir / f'run{i}'}"], cwd=workdir, env=train_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
     for job in jobs:
-        out, err = job.communicate(timeout=600)
+        _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
         assert "Traceback" not in err
     check_ok(run_train(0, "model=tiny", "trainer=debug", *LEAN, QUIET, f"hydra.run.dir={workdir / 'later'}",
