@@ -8,7 +8,9 @@ alternating an undisturbed run and one whose server is SIGSTOPped for ``--stall`
 seconds a few seconds into training (SIGCONT after). The figure is the training
 loop's wall time (the last epoch's ``elapsed_s`` in the checkpoint: steps,
 evaluations, checkpoints, everything), and the job's wall time; medians over the
-repeats. Also checks that every record of the stalled runs arrived.
+repeats; and the time rank 0's training thread spent inside tracking calls (the
+tag ``dpcnn.tracking.blocked_s``), which a busy host does not blur. Also checks
+that every record of every run arrived.
 Writes bench/tracking.json.
 """
 
@@ -84,6 +86,7 @@ def one_run(root: Path, uri: str, name: str, epochs: int, stall: float, server: 
     points = len(client.get_metric_history(run.info.run_id, "train_loss_step"))
     models = client.search_logged_models([run.info.experiment_id])
     return {"name": name, "stall_s": stall, "training_s": history[-1]["elapsed_s"], "job_s": wall,
+            "blocked_in_tracking_s": float(run.data.tags.get("dpcnn.tracking.blocked_s", "nan")),
             "status": run.info.status, "loss_points": points, "models_ready": sum(str(m.status) == "READY"
                                                                                for m in models),
             "worst_wall_img_s": min(h["wall_img_per_s"] for h in history),
@@ -115,11 +118,13 @@ def main() -> None:
     hung = statistics.median(r["training_s"] for r in rows if r["stall_s"])
     summary = {"epochs": args.epochs, "stall_s": args.stall, "repeats": args.repeats, "undisturbed_training_s": calm,
                "stalled_training_s": hung, "growth_s": hung - calm,
+               "max_blocked_in_tracking_s": max(r["blocked_in_tracking_s"] for r in rows),
                "complete": all(r["status"] == "FINISHED" and r["models_ready"] == 1 and
                                r["loss_points"] == rows[0]["loss_points"] for r in rows),
                "load_average_end": os.getloadavg(), "rows": rows}
     print(f"training wall time: undisturbed {calm:.1f} s, server hung {args.stall:.0f} s: {hung:.1f} s "
-          f"(growth {hung - calm:+.1f} s); every record arrived: {summary['complete']}")
+          f"(growth {hung - calm:+.1f} s); training thread blocked in tracking calls: at most "
+          f"{summary['max_blocked_in_tracking_s'] * 1000:.0f} ms per run; every record arrived: {summary['complete']}")
     print(f"wrote {write_json('tracking.json', summary)}")
 
 

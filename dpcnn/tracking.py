@@ -136,11 +136,9 @@ class MlflowTracker(NullTracker):
         self._cond = threading.Condition()
         self._next = 0             # number of the first record not in memory yet (records >= it are on disk)
         self._sent = 0             # records before this one are done (sent, or refused and dropped)
-        self._stop = False
-        self._down_since: float | None = None
-        self._spilled_warned = False
-        self._worker: threading.Thread | None = None
-        self._monitor = None  # MLflow's system-metrics sampler, when enabled
+        self._stop, self._down_since, self._spilled_warned = False, None, False
+        self.blocked_s = 0.0       # time the callers spent in the tracker (journal write + queue), for the record
+        self._worker, self._monitor = None, None  # the sending thread; MLflow's system-metrics sampler
 
     # --- the run -------------------------------------------------------------
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -189,6 +187,7 @@ class MlflowTracker(NullTracker):
         """Journal ``record`` and queue it; never waits for the network."""
         if self.journal is None:
             return
+        t0 = time.perf_counter()
         with self._cond:  # numbered and queued under one lock, so the worker sees them in order
             record["seq"] = seq = self.journal.append(record)
             if self._next == seq and len(self._queue) < self.queue_size:
@@ -199,6 +198,7 @@ class MlflowTracker(NullTracker):
                 log.warning("MLflow queue full (%d records, tracking.queue_size): further records wait in %s "
                             "and are sent in order", self.queue_size, self.journal.path)
             self._cond.notify()
+        self.blocked_s += time.perf_counter() - t0
 
     def _head(self) -> dict | None:
         """The next record to send (reading spilled ones back from the journal); None when stopping."""
@@ -331,6 +331,7 @@ class MlflowTracker(NullTracker):
         if self.run_id is None or self.journal is None:
             return
         self._stop_system_metrics()
+        self.set_tags({"dpcnn.tracking.blocked_s": f"{self.blocked_s:.4f}"})  # what tracking cost the caller
         self._submit({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
         wait = self.flush_timeout if wait is None else wait
         deadline, said = time.monotonic() + max(wait, 0.0), False
