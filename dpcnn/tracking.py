@@ -324,10 +324,8 @@ class MlflowTracker(NullTracker):
     def end(self, status: str = "FINISHED", wait: float | None = None,
             interrupted: Callable[[], bool] | None = None) -> None:
         """Mark the run ``status`` and wait for the queue to drain: as long as the server answers, and up to
-        ``wait`` s (default ``flush_timeout``) of it not answering.
-
-        ``interrupted()`` (a signal arrived) ends the wait at once. What was not sent stays in the journal.
-        """
+        ``wait`` s (default ``flush_timeout``) of it not answering, which ``interrupted()`` (a signal) cuts
+        short. What was not sent stays in the journal."""
         if self.run_id is None or self.journal is None:
             return
         self._stop_system_metrics()
@@ -336,10 +334,13 @@ class MlflowTracker(NullTracker):
         wait = self.flush_timeout if wait is None else wait
         deadline, said = time.monotonic() + max(wait, 0.0), False
         with self._cond:
-            while self.unsent and time.monotonic() < deadline and not (interrupted and interrupted()):
-                if self._down_since is None:  # a slow but healthy server (logging the model, say) is waited for
+            while self.unsent and time.monotonic() < deadline:
+                down = self._down_since is not None
+                if not down:  # a slow but healthy server (logging the model, say) is waited for, signal or not
                     deadline = max(deadline, time.monotonic() + max(wait, 0.0))
-                if not said and self._down_since is not None and wait > 0:
+                elif interrupted and interrupted():  # a signal: no waiting for a server that is away
+                    break
+                if not said and down and wait > 0:
                     log.warning("MLflow at %s is unreachable; waiting up to %g s to send %d record(s)", self.uri,
                                 wait, self.unsent)
                     said = True
