@@ -93,7 +93,7 @@ def test_journal_is_plain_json_and_replay_is_idempotent(tmp_path, empty_store):
     raw = path.read_bytes()
     assert b"pickle" not in raw and b"\x80" not in raw
     doc = json.loads(raw)  # plain json
-    assert [r["op"] for r in doc["records"]] == ["params", "tags", "metrics", "artifact", "text", "table", "end"]
+    assert [r["op"] for r in doc["records"]] == ["params", "tags", "metrics", "artifact", "text", "table", "tags", "end"]
     assert doc["records"][1]["tags"]["long"] == "t" * 9000 and doc["status"] == "KILLED"
 
     assert journal.main(["replay", str(tmp_path / "run")]) == 0
