@@ -25,7 +25,7 @@ class ModelConf:
     name: str = "small"
     init: str = "fan_in_uniform"        # or he_normal (dpcnn.model.Model.init)
     layers: List[Dict[str, Any]] = field(default_factory=list)
-    input_shape: Optional[List[int]] = None  # null: the data's (28, 28, 1)
+    input_shape: Optional[List[int]] = None  # null: the data's (set from the data when training starts)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class OptimizerConf:
 class AugmentConf:
     enabled: bool = False
     max_shift: int = 2
+    hflip: bool = False                 # random horizontal flips (cifar10); never for digits
 
 
 @dataclass
@@ -55,17 +56,27 @@ class DataConf:
     train_subset: Optional[int] = None
     val_fraction: float = 0.0
     val_seed: int = 0
-    verify_checksum: bool = False
+    verify_checksum: bool = False       # true: files that are not the official ones are an error, not a warning
     download: bool = True
     normalize: bool = True
     augment: AugmentConf = field(default_factory=AugmentConf)
-    num_classes: int = 10
-    # Registry overrides (dpcnn.data.get_spec): null keeps the registered value.
-    mean: Optional[float] = None
-    std: Optional[float] = None
-    files: Optional[Dict[str, str]] = None
-    md5: Optional[Dict[str, str]] = None
-    raw_md5: Optional[Dict[str, str]] = None
+    num_classes: Optional[int] = None   # null: from the data (registry, labels, class folders)
+    # The user's own data (format npz / image_folder): the file or folder, and how to decode images.
+    format: Optional[str] = None        # null: the registry's (idx for new datasets given by data.files)
+    path: Optional[str] = None
+    image_size: Optional[List[int]] = None
+    channels: Optional[int] = None
+    test_fraction: float = 0.0          # image folders without train/ and test/: the share held out as test set
+    # Registry overrides (dpcnn.data.get_spec): null keeps the registered value (own data: its statistics).
+    # Set from the data when training starts, so checkpoints and the served model record them.
+    mean: Optional[Any] = None          # one value, or one per channel
+    std: Optional[Any] = None
+    class_names: Optional[List[str]] = None
+    # {name: value} maps. Typed Any: a null Optional[Dict] node cannot take data.md5={name:md5} from the
+    # command line (OmegaConf fails on it); get_spec checks and converts them.
+    files: Any = None
+    md5: Any = None
+    raw_md5: Any = None
     mirrors: Optional[List[str]] = None
 
 
@@ -135,10 +146,11 @@ _RANGES = {
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),
     "optimizer.min_lr": (0, True, False, 0.0), "data.train_subset": (1, True, True, 1000),
     "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
+    "data.test_fraction": (0, True, False, 0.2), "data.num_classes": (1, True, True, 10),
     "tracking.activation_images": (0, True, False, 4), "tracking.system_metrics_interval": (0, False, False, 10),
     "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
 }
-_BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
+_BELOW_ONE = ("optimizer.momentum", "data.val_fraction", "data.test_fraction")  # also < 1
 
 
 def objective_name(cfg: DictConfig) -> str:
@@ -217,7 +229,18 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key in _BELOW_ONE else "")
             raise ConfigError(f"{key} must be {bound}{' or null' if nullable else ''}, got {value}; "
                               f"e.g. {key}={example}")
+    _check_data(cfg)
     t = cfg.trainer
     if t.batch_size < world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
                           f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """The data's own keys: channels, image size."""
+    d = cfg.data
+    if d.channels is not None and d.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB), got {d.channels}; e.g. data.channels=3")
+    if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
+        raise ConfigError(f"data.image_size must be [height, width], got {list(d.image_size)}; "
+                          "e.g. data.image_size=[32,32]")

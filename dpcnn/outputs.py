@@ -18,7 +18,6 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, checkpoint, faults
-from .data import find_files
 from .dist import Dist
 from .errors import DpcnnError
 from .model import Model
@@ -64,6 +63,8 @@ class RootOutputs:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        if data is not None and data.identity is not None:  # which bytes this run trains on (dpcnn.identify)
+            tags.update(data.identity.tags())
         if resumed_from:
             tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
             tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
@@ -84,8 +85,7 @@ class RootOutputs:
     def _log_datasets(self, data) -> None:
         """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
         try:
-            found, _ = find_files(data.spec, self.cfg.data.root)
-            source = str(found["train_images"].resolve().parent) if "train_images" in found else None
+            source = data.source
             splits = [("train", data.train, "training"), ("val", data.val, "validation"),
                       ("test", data.test, "testing")]
             self.tracker.log_inputs([dataset_input(f"{data.spec.name}-{part}", x, y, source, context)

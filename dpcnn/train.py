@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config, faults, sweep
-from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
+from .data import Augment, EpochSampler, fit_config, get_spec, head_for, input_hint, load_data, prepare
 from .dist import Dist
 from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .evaluate import EpochStats, end_epoch
@@ -68,24 +68,34 @@ def stop_requested() -> bool:
 # ----------------------------------------------------------------------------- setup
 
 def validate(cfg: DictConfig, world_size: int) -> None:
-    """Checks that need no data and no model: fail in seconds, before any compute."""
+    """Checks that need no data and no compute: fail in seconds. The model's layers are checked here too
+    when the config alone fixes the input (registered datasets, image folders), else once the data is read."""
     config.validate(cfg, world_size)
-    get_spec(cfg.data)  # unknown dataset name
+    spec = get_spec(cfg.data)  # unknown dataset name
+    shape = input_hint(cfg.data)
+    if shape is not None:
+        make_model(cfg, shape, cfg.data.num_classes or spec.num_classes)
+
+
+def make_model(cfg: DictConfig, input_shape, num_classes: int) -> Model:
+    """``cfg.model`` for this input and this many classes (the last dense layer's width follows them)."""
+    layers = OmegaConf.to_container(cfg.model.layers, resolve=True)
+    head_for(layers, num_classes)
+    return Model.from_config(layers, input_shape=input_shape, num_classes=num_classes, seed=cfg.seed,
+                             dtype=np.dtype(cfg.trainer.dtype), init=cfg.model.init)
 
 
 def load_on_all_ranks(cfg: DictConfig, dist: Dist):
-    """Rank 0 finds or downloads the files while the others wait; then all ranks read them."""
-    spec = get_spec(cfg.data)
+    """Rank 0 finds or downloads the files (or decodes an image folder) and identifies them while the others
+    wait (`dpcnn.data.prepare`: the wrong dataset is an error on every rank); then all ranks read them."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
 
     def fetch():
         faults.check("setup", dist.rank, 0, stop_requested)
-        if dist.is_root:
-            ensure_files(spec, cfg.data.root, download=cfg.data.download,
-                         verify_checksum=cfg.data.verify_checksum, progress=bool(cfg.trainer.progress))
+        return prepare({**data_cfg, "progress": bool(cfg.trainer.progress)}) if dist.is_root else None
 
-    dist.agree(fetch)
-    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "download": False, "verify_checksum": False}
-    return dist.agree(lambda: load_data(data_cfg))
+    identity = dist.bcast(dist.agree(fetch))
+    return dist.agree(lambda: load_data({**data_cfg, "download": False}, identity=identity))
 
 
 # --------------------------------------------------------------------- training
@@ -178,12 +188,11 @@ def owned_by_this_job(run_dir: Path, dist: Dist):
 def build(cfg: DictConfig, dist: Dist):
     """The model, the data, the sampler, the optimizer, the LR schedule and the last step, on every rank."""
     t = cfg.trainer
-    model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
-                                                 num_classes=cfg.data.num_classes, seed=cfg.seed,
-                                                 dtype=np.dtype(t.dtype), init=cfg.model.init))
     data = load_on_all_ranks(cfg, dist)
-    if model.input_shape != data.train[0].shape[1:]:
-        raise ConfigError(f"model input {model.input_shape} does not match the data's {data.train[0].shape[1:]}")
+    # The data decides the model's input shape, the number of classes and their names (written into cfg, so
+    # checkpoints, MLflow and the served model's spec say so); then every rank builds the same model.
+    dist.agree(lambda: fit_config(cfg, data, announce=dist.is_root))
+    model = dist.agree(lambda: make_model(cfg, data.input_shape, data.num_classes))
     sampler = EpochSampler(len(data.train[0]), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
     check_budget(cfg, data, sampler, dist)
     lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
@@ -226,16 +235,12 @@ class Batches:
 
     def __init__(self, cfg: DictConfig, data, dist: Dist):
         self.x, self.y = data.train
-        self.background, self.seed, self.rank, self.size = data.background, cfg.seed, dist.rank, dist.size
-        self.max_shift = cfg.data.augment.max_shift if cfg.data.augment.enabled else None
+        # Shifts and flips are drawn for the whole global batch, then sharded: the same at every world size.
+        self.augment = Augment(cfg.data.augment, cfg.seed, data.background, dist.rank, dist.size)
 
     def __call__(self, epoch: int, k: int, global_size: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.x[idx], self.y[idx]
-        if self.max_shift is not None:
-            # Offsets are drawn for the whole global batch, then sharded: the same at every world size.
-            shifts = shift_offsets(self.seed, epoch, k, global_size, self.max_shift)
-            x = random_shift(x, EpochSampler.shard(shifts, self.rank, self.size), self.background)
-        return x, y
+        return (self.augment(x, epoch, k, global_size) if self.augment.active else x), y
 
 
 @contextlib.contextmanager
