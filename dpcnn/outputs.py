@@ -165,9 +165,10 @@ class RootOutputs:
                  f"{metrics['img_per_s']:,.0f}", 100 * metrics["allreduce_frac"])
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
 
-    def save(self, model: Model, opt_state: dict, pos: Position) -> tuple[str | None, bool]:
-        """Write the checkpoint; returns (error message or None, whether one was written) instead of
-        raising (the caller shares it with every rank)."""
+    def save(self, model: Model, opt_state: dict, pos: Position,
+             name: str = checkpoint.LAST) -> tuple[str | None, bool]:
+        """Write the checkpoint (``name``: last.npz and step files, or e.g. best.npz alone); returns (error
+        message or None, whether one was written) instead of raising (the caller shares it with every rank)."""
         if not (self.enabled and self.cfg.trainer.checkpoint):
             return None, False
         meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
@@ -175,7 +176,7 @@ class RootOutputs:
                 "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
         try:
             checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
-                            keep_last=self.cfg.trainer.keep_last)
+                            keep_last=self.cfg.trainer.keep_last, name=name)
         except DpcnnError as e:
             return str(e), False
         return None, True
@@ -197,8 +198,9 @@ class RootOutputs:
         faults.check("end", 0, self.history[-1]["step"] if self.history else 0, self.interrupted)
         if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
             self._log_results(model)
-        if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
-            self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
+        for name in (checkpoint.LAST, "best.npz"):  # best.npz: early stopping's best epoch (dpcnn.early_stop)
+            if self.tracker.enabled and self.ckpt_dir.joinpath(name).exists():
+                self.tracker.log_artifact(self.ckpt_dir / name, "checkpoints")
         # An unreachable server is waited for (tracking.flush_timeout), unless a signal says stop.
         self.tracker.end(status, interrupted=self.interrupted)
 

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config, faults, sweep
 from .data import Augment, EpochSampler, fit_config, get_spec, head_for, input_hint, load_data, prepare
 from .dist import Dist
+from .early_stop import EpochStopper
 from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .evaluate import EpochStats, end_epoch
 from .model import Model
@@ -111,8 +112,9 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
         step = StepBuffer(model, t.micro_batch)
         pos, resumed_from = resume(cfg, dist, model, opt, run_dir)  # rank 0's weights (or checkpoint) everywhere
-        if pos.step >= last_step:
-            return nothing_to_train(pos, last_step, cfg, dist)
+        stopper = EpochStopper(cfg, pos.history, model, dist, run_dir / "checkpoints")  # [early stop]
+        if pos.step >= last_step or stopper.reason:  # [early stop] a run that stopped early trains nothing more
+            return nothing_to_train(pos, last_step, cfg, dist, stopper)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
         dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
@@ -121,7 +123,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         status, summary, stop = "FAILED", {}, False
         started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
         try:
-            while pos.epoch < t.epochs and pos.step < last_step:
+            while pos.epoch < t.epochs and pos.step < last_step and not stopper.reason:  # [early stop]
                 out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
                 stats = EpochStats()
                 for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
@@ -147,15 +149,13 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 if stats.seen:
                     summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
+                    stopper.after_epoch(pos, summary, model, out)  # [early stop] the same verdict on every rank
                 check_in_sync(model, dist)
                 save_or_raise(out, model, opt, pos, dist)
                 if stop:
                     status = "KILLED"
-                    log.warning("stopped by signal at step %d; %s", pos.step, f"checkpoint written. Resume with "
-                                f"trainer.resume=auto hydra.run.dir={run_dir}" if pos.saved_step == pos.step
-                                else resume_advice(pos, cfg, run_dir))
-                    raise SystemExit(EXIT_SIGNAL)
-            status = "FINISHED"
+                    stopped_by_signal(pos, cfg, run_dir)
+            status, summary = stopper.finish(model, summary)  # [early stop] the best epoch's weights and figures
         finally:
             out.finish(status, model, summary)
     return objective(summary, cfg)
@@ -166,12 +166,23 @@ def objective(summary: dict, cfg: DictConfig) -> float:
     return float(summary.get(config.objective_name(cfg), float("nan")))
 
 
-def nothing_to_train(pos: Position, last_step: int, cfg: DictConfig, dist: Dist) -> float:
-    """A resume of a run whose budget is spent: no new MLflow run; the recorded objective."""
-    if dist.is_root:
+def stopped_by_signal(pos: Position, cfg: DictConfig, run_dir: Path) -> None:
+    """All ranks agreed to stop (SIGTERM/SIGINT): say how to resume, exit 143."""
+    log.warning("stopped by signal at step %d; %s", pos.step, f"checkpoint written. Resume with "
+                f"trainer.resume=auto hydra.run.dir={run_dir}" if pos.saved_step == pos.step
+                else resume_advice(pos, cfg, run_dir))
+    raise SystemExit(EXIT_SIGNAL)
+
+
+def nothing_to_train(pos: Position, last_step: int, cfg: DictConfig, dist: Dist, stopper: EpochStopper) -> float:
+    """A resume of a run whose budget is spent, or that stopped early: no new MLflow run; the recorded objective."""
+    if dist.is_root and stopper.reason:
+        log.warning("nothing to train: the run stopped early at epoch %d (%s)", pos.history[-1]["epoch"],
+                    stopper.reason)
+    elif dist.is_root:
         log.warning("nothing to train: the checkpoint is at step %d of %d; raise trainer.epochs or "
                     "trainer.max_steps to train further", pos.step, last_step)
-    return objective(pos.history[-1] if pos.history else {}, cfg)
+    return objective(stopper.figures(pos.history[-1] if pos.history else {}), cfg)
 
 
 @contextlib.contextmanager
