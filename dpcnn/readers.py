@@ -119,6 +119,16 @@ def _npz_labels(y: np.ndarray, n: int, key: str, path: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (no pickles), after checking it has the four a dataset needs."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in NPZ_KEYS if k not in z.files]
+        if missing:
+            raise DataError(f"{path}: lacks {', '.join(missing)} (it has {', '.join(z.files) or 'nothing'}); "
+                            f"{_NPZ_FIX}")
+        return {k: z[k] for k in z.files}
+
+
 def read_npz(path: str | Path, num_classes: int | None = None):
     """``(x_train, y_train, x_test, y_test, class names, number of classes)`` of the user's ``.npz``.
 
@@ -127,16 +137,11 @@ def read_npz(path: str | Path, num_classes: int | None = None):
     else the largest label + 1. Every problem is one `DataError` line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; {_NPZ_FIX}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _npz_arrays(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz ({_one_line(e)}); {_NPZ_FIX}") from None
-    missing = [k for k in NPZ_KEYS if k not in arrays]
-    if missing:
-        raise DataError(f"{path}: lacks {', '.join(missing)} (it has {', '.join(arrays) or 'nothing'}); {_NPZ_FIX}")
+        why = "no such file" if not path.exists() else f"not a readable .npz ({_one_line(e)})"
+        raise DataError(f"{path}: {why}; {_NPZ_FIX}") from None
     x_train, x_test = (_npz_images(arrays[k], k, path) for k in ("x_train", "x_test"))
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{path}: x_train images are {x_train.shape[1:]} but x_test's are {x_test.shape[1:]}")
