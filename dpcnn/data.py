@@ -98,7 +98,6 @@ DATASETS = {
 }
 
 
-
 #: The files each format needs (``DatasetSpec.files`` keys); npz and image folders read ``data.path``.
 FORMAT_FILES = {"idx": FILE_KEYS, "cifar10": ("archive",), "npz": (), "image_folder": ()}
 _OWN = ("npz", "image_folder")
@@ -109,9 +108,9 @@ def get_spec(cfg: Mapping | DatasetSpec | str) -> DatasetSpec:
 
     A known name starts from the registry entry; any of files, md5, raw_md5,
     mirrors, mean, std, num_classes, class_names, format given (not null, not
-    empty) replaces that field. A new dataset in IDX format is a config entry with at
-    least ``files``; any name with ``format: npz`` or ``image_folder`` reads
-    ``data.path``.
+    empty) replaces that field. A new dataset in IDX format is a config entry
+    with at least ``files``; any name with ``format: npz`` or ``image_folder``
+    reads ``data.path``.
     """
     if isinstance(cfg, DatasetSpec):
         return cfg
@@ -216,8 +215,8 @@ def _to_float(raw: np.ndarray, mean, std, normalize: bool) -> np.ndarray:
     channels = raw.shape[-1]
     mean, std = (_per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")) if normalize \
         else (np.zeros(channels), np.ones(channels))
-    if raw.dtype != np.uint8:
-        return ((np.asarray(raw, np.float64) - mean) / std).astype(np.float32)
+    if raw.dtype != np.uint8:  # [0, 1] floats (an .npz)
+        return (raw.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
     luts = ((np.arange(256)[:, None] / 255.0 - mean) / std).astype(np.float32)  # (256, channels)
     if np.all(luts == luts[:, :1]):
         return luts[:, 0][raw]
@@ -269,8 +268,8 @@ def load_dataset(cfg_or_spec: Mapping | DatasetSpec, root=None, *, train_subset:
     train_idx, val_idx = split_indices(n, val_fraction, val_seed)
     mean, std = spec.mean, spec.std
     if spec.format in _OWN:  # the user's data: its training split's statistics, unless data.mean/std are given
-        stats = channel_stats(x_raw[train_idx])
-        mean, std = (spec.mean if opts.get(k) is not None else v for k, v in zip(("mean", "std"), stats))
+        stats = dict(zip(("mean", "std"), channel_stats(x_raw[train_idx])))
+        mean, std = (getattr(spec, key) if opts.get(key) is not None else stats[key] for key in ("mean", "std"))
     if not normalize:
         mean, std = 0.0, 1.0
     x = _to_float(x_raw, mean, std, normalize)
