@@ -327,21 +327,31 @@ def test_unreadable_images_are_listed_in_one_error(tmp_path):
 
 
 def test_image_folder_end_to_end_two_ranks_and_its_cache(workdir):
-    root = image_folder(workdir / "pics", rgb=True, per_class=12)
+    root = image_folder(workdir / "pics", rgb=True, per_class=12)  # odd sizes, PNG and JPEG
     args = ["data=image_folder", f"data.path={root}", "data.image_size=[10,10]", "model=tiny", "trainer.epochs=1",
             "trainer.batch_size=8", "tracking=none", *QUIET]
-    first = run_train(2, *args, f"hydra.run.dir={workdir / 'r1'}", cwd=workdir)
+
+    def run(name, *extra, **kwargs):
+        proc = run_train(2, *args, *extra, f"hydra.run.dir={workdir / name}", cwd=workdir, **kwargs)
+        return proc, proc.stdout + proc.stderr
+
+    first, log = run("rgb")
     check_ok(first)
-    assert "decoded 36 images of 3 classes" in first.stdout + first.stderr
-    second = run_train(2, *args, f"hydra.run.dir={workdir / 'r2'}", cwd=workdir)
+    assert "decoded 36 images of 3 classes" in log and "(36 resized to 10x10)" in log
+    second, log = run("rgb-again")
     check_ok(second)
-    assert "decoded" not in second.stdout + second.stderr  # the cache, decoded once by rank 0 of the first run
-    cfg = yaml.safe_load(checkpoint.load(workdir / "r2" / "checkpoints").meta["config"])
+    assert "decoded" not in log  # the cache rank 0 of the first run wrote
+    cfg = yaml.safe_load(checkpoint.load(workdir / "rgb-again" / "checkpoints").meta["config"])
     assert cfg["model"]["input_shape"] == [10, 10, 3] and cfg["data"]["class_names"] == ["bright", "dark", "mid"]
-    (root / "mid" / "3.jpg").write_bytes(b"garbage")  # a corrupt file: one line on every rank, exit 2
-    bad = run_train(2, *args, f"hydra.run.dir={workdir / 'r3'}", cwd=workdir, timeout=120)
+    grey, log = run("grey", "data.channels=1")  # the same folder in grey: its own cache
+    check_ok(grey)
+    assert "decoded 36 images" in log
+    assert yaml.safe_load(checkpoint.load(workdir / "grey" / "checkpoints").meta["config"])["model"]["input_shape"] \
+        == [10, 10, 1]
+    (root / "mid" / "2.png").write_bytes(b"garbage")  # a corrupt PNG: one line on every rank, exit 2
+    bad, _ = run("bad", timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("1 of the 36 images in") == 2, bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert "mid/2.png" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # ------------------------------------------------------------------ predict resizes
