@@ -57,7 +57,7 @@ def expand(spec: str) -> list[Path]:
 
 
 def fit_shape(images: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
-    """IDX images ``(n, h, w, c)`` in the model's ``(h, w, c)``: channels converted, size resized; (images, changed?)."""
+    """IDX images ``(n, h, w, c)`` in the model's ``(h, w, c)``, channels converted and resized: (images, changed?)."""
     h, w, c = shape
     if images.shape[1:] == (h, w, c):
         return images, False

@@ -1,4 +1,4 @@
-"""Pruning sweeps: rank 0's Optuna pruner stops a hopeless trial at an epoch boundary, on every rank; the sweep goes on."""
+"""Pruning sweeps: rank 0's Optuna pruner stops a hopeless trial at an epoch boundary, every rank; the sweep goes on."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.mpi
 
 # Two sound learning rates, then a hopeless one (1e-6): after its first of 3 epochs it is far below the median.
 BASE = ["model=tiny", "data.train_subset=1500", "data.val_fraction=0.1", "trainer.epochs=3", "trainer.progress=false"]
-TRIALS = [*BASE, "optimizer.lr=tag(log,interval(0.000001,0.5))", "hydra.sweeper.mode=optuna", "hydra.sweeper.n_trials=3",
+TRIALS = [*BASE, "optimizer.lr=tag(log,interval(0.000001,0.5))", "hydra.sweeper.mode=optuna",
+          "hydra.sweeper.n_trials=3",
           "hydra.sweeper.enqueue=[{optimizer.lr:0.1},{optimizer.lr:0.05},{optimizer.lr:0.000001}]", *LEAN]
 MEDIAN = "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner,n_startup_trials:2,n_warmup_steps:0}"
 
