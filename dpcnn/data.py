@@ -22,15 +22,14 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, DataError
 from .identify import Identity, identify, own_identity
 
-# find_files and ensure_files are re-exported: train.py and outputs.py import them from here.
-from .idx import _REFETCH, FILE_KEYS, DatasetSpec, ensure_files, file_md5, find_files, read_idx  # noqa: F401
+# find_files, read_idx and the sampler's names are re-exported: other modules, tests and benches import them here.
+from .idx import FILE_KEYS, DatasetSpec, ensure_files, file_md5, find_files, read_idx  # noqa: F401
 from .images import load_image_folder
 from .readers import image_folder_shape, read_arrays, read_npz, user_path
 from .sampler import (Augment, EpochSampler, flip_mask, random_flip, random_shift, shift_offsets,  # noqa: F401
