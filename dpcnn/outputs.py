@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint, faults
+from . import __version__, checkpoint, faults, viz
 from .data import find_files
 from .dist import Dist
 from .errors import DpcnnError
@@ -109,8 +109,6 @@ class RootOutputs:
         spec, t0 = self._model_spec(model), time.perf_counter()
         if tcfg.plots:
             try:
-                from . import viz
-
                 report = viz.render_report(
                     model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
                     class_names=spec["class_names"], activation_images=tcfg.activation_images,
