@@ -26,16 +26,15 @@
 # added latency); the default is unshaped (veth speed, several Gbit/s).
 #
 # `run` starts launch/multihost.sh on node1, unchanged, with the hostfile
-# (nodeK:SLOTS lines, SLOTS=--slots, default 1) and the settings a real
-# cluster needs as well:
-#   UCX_TLS=tcp,self      MPICH's UCX netmod uses shared memory between
-#                         processes it finds on one kernel, "hosts" or not;
-#                         this makes it use TCP, as between real machines
-#   UCX_NET_DEVICES=eth0  the interface UCX sends on
-#   -iface eth0           the interface hydra's control connections use
-#   -launcher-exec <state dir>/ssh   an "ssh" that starts hydra's proxy in
-#                         the host's namespace with a fresh environment,
-#                         as sshd would (no sshd needed)
+# (nodeK:SLOTS lines, SLOTS=--slots, default 1) and:
+#   IFACE=eth0            the network to use, as on a real cluster with
+#                         several (multihost.sh: hydra's -iface, UCX_NET_DEVICES)
+#   UCX_TLS=tcp,self      only because these hosts share a kernel: MPICH's UCX
+#                         netmod would use shared memory between them, "hosts"
+#                         or not; this makes it use TCP, as between machines
+#   MPIRUN_ARGS="-launcher-exec <state dir>/ssh"   an "ssh" that starts
+#                         hydra's proxy in the host's namespace with a fresh
+#                         environment, as sshd would (no sshd needed)
 # and, when the hosts outnumber this machine's cores, DPCNN_MPI_WAIT=yield
 # (each emulated host believes it has all the cores). Any of these set in the
 # environment wins. With --mlflow, `up` starts an `mlflow server` on node1
@@ -255,7 +254,7 @@ down() {
 # The environment a run on this cluster needs; anything already set wins.
 cluster_env() {
     local np="$1"
-    export UCX_TLS="${UCX_TLS:-tcp,self}" UCX_NET_DEVICES="${UCX_NET_DEVICES:-eth0}"
+    export UCX_TLS="${UCX_TLS:-tcp,self}" IFACE="${IFACE:-eth0}"
     if [[ -z "${DPCNN_MPI_WAIT:-}" ]] && (( np > $(dpcnn_cores) )); then
         export DPCNN_MPI_WAIT=yield
     fi
@@ -263,7 +262,7 @@ cluster_env() {
         MLFLOW_TRACKING_URI="$(cat "$state/mlflow.url")"
         export MLFLOW_TRACKING_URI
     fi
-    LAUNCH_FLAGS=(-launcher-exec "$state/ssh" -iface eth0)
+    LAUNCH_FLAGS=(-launcher-exec "$state/ssh")
 }
 
 # hydra's `ssh -x HOST COMMAND...`: like sshd, run COMMAND (the words joined, by a shell) on
@@ -333,7 +332,8 @@ case "$cmd" in
             in_host 1 "$DPCNN_REPO/launch/multihost.sh" "$state/hostfile" "$np" "$@"
         fi
         dpcnn_setup
-        in_host 1 "$MPIRUN" -f "$state/hostfile" -launcher ssh "${LAUNCH_FLAGS[@]}" -n "$np" \
+        dpcnn_iface_flags
+        in_host 1 "$MPIRUN" -f "$state/hostfile" -launcher ssh "${LAUNCH_FLAGS[@]}" "${IFACE_FLAGS[@]}" -n "$np" \
             ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} "$@" ;;
     *) die "unknown command '$cmd' (see --help)" ;;
 esac

@@ -25,7 +25,7 @@ import pytest
 from dpcnn import checkpoint
 
 from conftest import MNIST_5K, MPIRUN, REPO, check_ok, needs_data, run_train, train_env
-from test_launch import rank_records, recording_python
+from test_launch import fake_mpirun, rank_records, recorded_args, recording_python
 
 pytestmark = [pytest.mark.cluster, pytest.mark.mpi]
 SCRIPT = REPO / "launch" / "emulated-cluster.sh"
@@ -204,14 +204,16 @@ def test_hosts_train_bitwise_like_one_host_and_gradients_cross_the_links(make_cl
 
     # launch/multihost.sh ran mpirun with the cluster's hostfile, ssh launcher and interface.
     command = proc.stderr.splitlines()[0]
-    assert f"-f {cluster.state}/hostfile -launcher ssh" in command and "-launcher-exec" in command, command
+    assert f"-f {cluster.state}/hostfile -launcher ssh" in command and "-iface eth0" in command, command
+    assert f"-launcher-exec {cluster.state}/ssh" in command, command
     # Rank k ran on node<k+1> under a proxy of its own, and the launching shell's environment reached
     # it through hydra (the emulated ssh starts each proxy with a fresh one, as sshd does).
     ranks = rank_records(tmp_path)
     assert sorted(ranks) == list(range(hosts))
     for rank, (env, parent) in ranks.items():
         assert env["PMI_HOSTNAME"] == f"node{rank + 1}" and f"--proxy-id {rank}" in parent, (env, parent)
-        assert env["UCX_TLS"] == "tcp,self" and env["DPCNN_DATA_DIR"] == str(MNIST_5K), env
+        assert env["UCX_TLS"] == "tcp,self" and env["UCX_NET_DEVICES"] == "eth0", env
+        assert env["DPCNN_DATA_DIR"] == str(MNIST_5K), env
         assert env["OMP_NUM_THREADS"] == "1" and env["PMI_SIZE"] == str(hosts)
 
     across = checkpoint.load(tmp_path / "cluster" / "checkpoints")
@@ -399,3 +401,19 @@ def test_down_cleans_up_after_a_crash_and_clusters_do_not_collide(make_cluster, 
     proc = bad.up(2, "--mlflow", PYTHON="/bin/false")
     assert proc.returncode == 2 and "mlflow server on node1 exited" in proc.stderr, proc.stderr
     assert bad.leftovers() == []
+
+
+def test_multihost_iface_picks_the_network_for_either_mpi(tmp_path):
+    """IFACE=eth0: hydra's -iface (or Open MPI's if_include) and the data path's UCX/OFI interface,
+    unless the user chose those already; under Open MPI the UCX/DPCNN variables travel with -x."""
+    (tmp_path / "hosts").write_text("node1:1\nnode2:1\n")
+    for version, expect in (("HYDRA build details:", ["-iface", "eth0"]),
+                            ("mpirun (Open MPI) 5.0.6", ["--mca", "oob_tcp_if_include", "eth0"])):
+        mpirun = fake_mpirun(tmp_path / version.split()[0] / "mpirun", version)
+        env = train_env(PYTHON=sys.executable, MPIRUN=mpirun, IFACE="eth0", UCX_TLS="tcp,self")
+        check_ok(subprocess.run([str(REPO / "launch" / "multihost.sh"), str(tmp_path / "hosts"), "2"], env=env,
+                                capture_output=True, text=True, cwd=tmp_path))
+        args = recorded_args(mpirun)
+        assert any(args[i:i + len(expect)] == expect for i in range(len(args))), args
+        if "Open MPI" in version:
+            assert {"UCX_TLS", "UCX_NET_DEVICES", "FI_TCP_IFACE", "DPCNN_DATA_DIR"} <= set(args), args
