@@ -209,7 +209,8 @@ start_mlflow() {
             tail -20 "$state/mlflow.log" >&2
             die "the mlflow server on node1 exited (log: $state/mlflow.log)"
         fi
-        if ip netns exec "$(host_ns 1)" "$PYTHON" -c "import urllib.request as u; u.urlopen('http://$SUBNET.1:$MLFLOW_PORT/health', timeout=2)" 2>/dev/null; then
+        # Listening on node1's address (bash's /dev/tcp: no interpreter started per probe).
+        if ip netns exec "$(host_ns 1)" bash -c "exec 3<>/dev/tcp/$SUBNET.1/$MLFLOW_PORT" 2>/dev/null; then
             echo "$url" > "$state/mlflow.url"
             echo "$store" > "$state/mlflow.store"
             return 0
@@ -248,6 +249,7 @@ down() {
         rm -rf "/etc/netns/${ns:?}"
     done
     rm -rf "${state:?}"
+    rmdir /etc/netns "$(dirname "$state")" 2>/dev/null || true  # when no other cluster uses them
     echo "cluster $name: down (${#namespaces[@]} namespace(s) removed)"
 }
 

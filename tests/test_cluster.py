@@ -247,8 +247,9 @@ rid = run.info.run_id
 mlflow.set_tracking_uri(uri)
 print(json.dumps({
     "runs": len(runs), "status": run.info.status, "params": run.data.params, "tags": run.data.tags,
+    "datasets": sorted(d.dataset.name for d in run.inputs.dataset_inputs),
     "metrics": {k: [m.step for m in client.get_metric_history(rid, k)] for k in run.data.metrics},
-    "artifacts": sorted(a.path for d in (None, "plots", "checkpoints") for a in client.list_artifacts(rid, d)),
+    "artifacts": sorted(a.path for d in (None, "checkpoints") for a in client.list_artifacts(rid, d)),
     "models": [[m.source_run_id, str(m.status)] for m in client.search_logged_models([exp.experiment_id])],
     "labels": mlflow.pyfunc.load_model(f"runs:/{rid}/model").predict(np.load(images))["label"].tolist(),
 }))
@@ -257,7 +258,7 @@ print(json.dumps({
 
 def test_mlflow_server_on_node1_receives_the_whole_run(make_cluster, tmp_path):
     """The server listens on node1's address; rank 0 logs to it over the cluster network, and a client
-    on node2 reads back the complete run (metrics, artifacts, a model that predicts like the checkpoint)."""
+    on node2 reads back the complete run (metrics, checkpoint, a model that predicts like the checkpoint)."""
     from test_mlflow import TEST_IMAGES, checkpoint_predictions
 
     from dpcnn.data import read_idx
@@ -266,10 +267,13 @@ def test_mlflow_server_on_node1_receives_the_whole_run(make_cluster, tmp_path):
     uri = (cluster.state / "mlflow.url").read_text().strip()
     assert uri == "http://node1:5000"
     run_dir = tmp_path / "run"
-    # 2,000 images / 64 -> 32 steps per epoch; train loss every 5 steps; one test image for the activation maps.
+    # 2,000 images / 64 -> 32 steps per epoch; train loss every 5 steps. No plots (test_mlflow.py checks
+    # those): the run's records, checkpoint and model are what must cross the network here.
+    t0 = time.monotonic()
     check_ok(cluster.cmd("run", "2", "model=tiny", "trainer.epochs=2", "data.train_subset=2000",
                          "trainer.log_every=5", "trainer.progress=false", "tracking.experiment=cluster",
-                         "tracking.activation_images=1", f"hydra.run.dir={run_dir}", timeout=300, cwd=tmp_path))
+                         "tracking.plots=false", f"hydra.run.dir={run_dir}", timeout=300, cwd=tmp_path))
+    t1 = time.monotonic()
     assert not (run_dir / "mlflow_pending.json").exists()  # nothing was left unsent
     x = read_idx(TEST_IMAGES)[:200, ..., None].astype(np.float32) / 255
     np.save(tmp_path / "x.npy", x)
@@ -277,14 +281,15 @@ def test_mlflow_server_on_node1_receives_the_whole_run(make_cluster, tmp_path):
                        timeout=180, cwd=tmp_path)
     check_ok(proc)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"run {t1 - t0:.1f} s, read back from node2 {time.monotonic() - t1:.1f} s")
 
     assert seen["runs"] == 1 and seen["status"] == "FINISHED"
     assert seen["params"]["world_size"] == "2" and seen["tags"]["dpcnn.world_size"] == "2"
+    assert seen["datasets"] == ["mnist-test", "mnist-train"]
     assert seen["metrics"]["train_loss_step"] == list(range(5, 65, 5))
     for name in ("test_acc", "test_loss", "train_loss", "img_per_s", "allreduce_frac"):
         assert seen["metrics"][name] == [32, 64], name
-    assert {"config.yaml", "checkpoints/last.npz", "plots/confusion_matrix.png", "plots/learning_curves.png",
-            "per_class_metrics.json"} <= set(seen["artifacts"]), seen["artifacts"]
+    assert {"config.yaml", "checkpoints/last.npz"} <= set(seen["artifacts"]), seen["artifacts"]
     (model,) = seen["models"]
     assert model[1] == "READY"
     assert seen["labels"] == checkpoint_predictions(run_dir, x).tolist()
