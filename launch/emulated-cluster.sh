@@ -131,6 +131,11 @@ check() {
     esac
 }
 
+# IPv4 only: no IPv6 router solicitations or neighbour discovery in the link counters.
+no_ipv6() {
+    ip netns exec "$1" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6' 2>/dev/null || true
+}
+
 up() {
     local n="" rate=none slots=1 mlflow=0 store=""
     while (( $# )); do
@@ -166,6 +171,7 @@ up() {
     chmod +x "$state/ssh"
 
     ip netns add "$switch_ns"
+    no_ipv6 "$switch_ns"
     ip -n "$switch_ns" link set lo up
     ip -n "$switch_ns" link add br0 type bridge
     ip -n "$switch_ns" link set br0 up
@@ -175,8 +181,7 @@ up() {
         ip netns add "$ns"
         mkdir -p "/etc/netns/$ns"
         cp "$state/etc-hosts" "/etc/netns/$ns/hosts"
-        # IPv4 only: no IPv6 neighbour discovery chatter in the link counters.
-        ip netns exec "$ns" sh -c 'echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6' 2>/dev/null || true
+        no_ipv6 "$ns"
         ip -n "$ns" link set lo up
         # Both ends are created inside namespaces: the host's eth0, its peer nodeK on the switch.
         ip -n "$ns" link add eth0 type veth peer name "node$k" netns "$switch_ns"
