@@ -25,8 +25,18 @@
 # and VIRTUAL_ENV set here hold there too; the BLAS pin (one thread per rank,
 # BLAS_THREADS=k to change) is passed explicitly with -genv.
 #
+# IFACE=eth0 picks the network when a host has several (a management and a
+# fast network, docker0, ...): hydra's control connections use it (-iface) and
+# so does MPI's data, through UCX_NET_DEVICES (the UCX netmod MPICH's wheel
+# uses by default) and FI_TCP_IFACE (its OFI netmod over TCP) unless those are
+# set. UCX_NET_DEVICES=eth0 keeps UCX on that device only: on an InfiniBand
+# cluster set MPIRUN_ARGS="-iface eth0" instead and let UCX pick the HCA.
+# Under Open MPI, IFACE gives --mca oob/btl_tcp_if_include, and the variables
+# that matter (DPCNN_*, MLFLOW_TRACKING_URI, UCX_*, FI_*) are passed with -x.
+# To try all this on one machine: launch/emulated-cluster.sh.
+#
 # PYTHON, MPIRUN: which interpreter and mpirun (see launch/common.sh);
-# MPIRUN_ARGS: extra launcher flags, e.g. "-iface eth0" to choose the network.
+# MPIRUN_ARGS: extra launcher flags.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -43,15 +53,16 @@ if ! [[ "$np" =~ ^[0-9]+$ ]] || (( np < 1 )); then
 fi
 
 dpcnn_setup
+dpcnn_iface_flags
 if [[ "$MPI_FLAVOUR" == openmpi ]]; then
     # Open MPI: hostfile lines are "host slots=K"; variables are exported with -x.
     flags=(--hostfile "$hostfile" -x PYTHONPATH -x PATH)
-    for var in DPCNN_DATA_DIR MLFLOW_TRACKING_URI VIRTUAL_ENV; do
+    for var in VIRTUAL_ENV MLFLOW_TRACKING_URI $(compgen -e | grep -E '^(DPCNN|UCX|FI)_' || true); do
         [[ -n "${!var:-}" ]] && flags+=(-x "$var")
     done
     [[ "$(id -u)" == 0 ]] && flags+=(--allow-run-as-root)
 else
     flags=(-f "$hostfile" -launcher "${LAUNCHER:-ssh}")
 fi
-dpcnn_exec "$MPIRUN" ${flags[@]+"${flags[@]}"} -n "$np" ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} \
-    "$PYTHON" -m dpcnn.train "$@"
+dpcnn_exec "$MPIRUN" ${flags[@]+"${flags[@]}"} -n "$np" ${IFACE_FLAGS[@]+"${IFACE_FLAGS[@]}"} \
+    ${BLAS_ENV_FLAGS[@]+"${BLAS_ENV_FLAGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} "$PYTHON" -m dpcnn.train "$@"
