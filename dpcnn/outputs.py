@@ -17,9 +17,10 @@ from typing import Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint, faults
+from . import __version__, checkpoint, faults, viz
 from .dist import Dist
 from .errors import DpcnnError
+from .host_metrics import name_this_host
 from .model import Model
 from .resume import Position
 from .tracking import dataset_input, flatten, make_tracker, mark_run
@@ -42,19 +43,21 @@ class RootOutputs:
         self.bar = None
 
     def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None,
-              history: list | None = None) -> None:
-        """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
+              history: list | None = None) -> str | None:
+        """Start the MLflow run (rank 0); returns its id (None without tracking).
+
+        ``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
         its test split feeds the confusion matrix, activation maps and misclassified examples.
         ``history`` is the training loop's list of per-epoch metrics (resumed ones included),
         which the learning curves draw."""
         if not self.enabled:
-            return
+            return None
         self.data, self.history = data, history if history is not None else []
         log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
                  self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
                  self.cfg.trainer.batch_size, model.summary())
         if not self.tracker.enabled:
-            return
+            return None
         tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
                 "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
                 "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
@@ -80,7 +83,9 @@ class RootOutputs:
         if data is not None and self.cfg.tracking.datasets:
             self._log_datasets(data)
         if self.cfg.tracking.system_metrics:
+            name_this_host(dist)  # a job on several hosts tells their samplers apart (dpcnn.host_metrics)
             self.tracker.start_system_metrics(self.cfg.tracking.system_metrics_interval)
+        return self.tracker.run_id
 
     def _log_datasets(self, data) -> None:
         """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
@@ -109,8 +114,6 @@ class RootOutputs:
         spec, t0 = self._model_spec(model), time.perf_counter()
         if tcfg.plots:
             try:
-                from . import viz
-
                 report = viz.render_report(
                     model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
                     class_names=spec["class_names"], activation_images=tcfg.activation_images,

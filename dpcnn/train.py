@@ -34,6 +34,7 @@ from .dist import Dist
 from .early_stop import EpochStopper
 from .errors import EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .evaluate import EpochStats, end_epoch
+from .host_metrics import HostMetrics
 from .model import Model
 from .optim import make_optimizer, make_schedule
 from .outputs import RootOutputs
@@ -116,7 +117,8 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         if pos.step >= last_step or stopper.reason:  # [early stop] a run that stopped early trains nothing more
             return nothing_to_train(pos, last_step, cfg, dist, stopper)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
-        dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        run_id = dist.from_root(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        samplers = HostMetrics(cfg.tracking, dist, run_id)  # system metrics of the other hosts, into that run
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
         batch_of = Batches(cfg, data, dist)
 
@@ -157,6 +159,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     stopped_by_signal(pos, cfg, run_dir)
             status, summary = stopper.finish(model, summary)  # [early stop] the best epoch's weights and figures
         finally:
+            samplers.finish()
             out.finish(status, model, summary)
     return objective(summary, cfg)
 
@@ -168,9 +171,7 @@ def objective(summary: dict, cfg: DictConfig) -> float:
 
 def stopped_by_signal(pos: Position, cfg: DictConfig, run_dir: Path) -> None:
     """All ranks agreed to stop (SIGTERM/SIGINT): say how to resume, exit 143."""
-    log.warning("stopped by signal at step %d; %s", pos.step, f"checkpoint written. Resume with "
-                f"trainer.resume=auto hydra.run.dir={run_dir}" if pos.saved_step == pos.step
-                else resume_advice(pos, cfg, run_dir))
+    log.warning("stopped by signal at step %d; %s", pos.step, resume_advice(pos, cfg, run_dir))
     raise SystemExit(EXIT_SIGNAL)
 
 
@@ -233,9 +234,11 @@ def check_budget(cfg: DictConfig, data, sampler: EpochSampler, dist: Dist) -> No
 
 def resume_advice(pos: Position, cfg: DictConfig, run_dir: Path) -> str:
     """What to do next, true to what is on disk: a checkpoint to resume from, or none."""
+    resume_with = f"trainer.resume=auto hydra.run.dir={run_dir}"
+    if pos.saved_step is not None and pos.saved_step == pos.step:
+        return f"checkpoint written. Resume with {resume_with}"
     if pos.saved_step is not None:
-        return (f"the checkpoint of step {pos.saved_step} is intact; resume with trainer.resume=auto "
-                f"hydra.run.dir={run_dir}")
+        return f"the checkpoint of step {pos.saved_step} is intact; resume with {resume_with}"
     if not cfg.trainer.checkpoint:
         return "no checkpoint was written (trainer.checkpoint=false): a new run starts from step 0"
     return "no checkpoint was written yet: a new run starts from step 0"
