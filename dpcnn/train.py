@@ -236,7 +236,7 @@ def resume_advice(pos: Position, cfg: DictConfig, run_dir: Path) -> str:
     """What to do next, true to what is on disk: a checkpoint to resume from, or none."""
     resume_with = f"trainer.resume=auto hydra.run.dir={run_dir}"
     if pos.saved_step is not None and pos.saved_step == pos.step:
-        return f"checkpoint written. Resume with {resume_with}"
+        return f"checkpoint written (step {pos.step}); resume with {resume_with}"
     if pos.saved_step is not None:
         return f"the checkpoint of step {pos.saved_step} is intact; resume with {resume_with}"
     if not cfg.trainer.checkpoint:
