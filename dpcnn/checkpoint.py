@@ -44,20 +44,23 @@ class Checkpoint:
         return int(self.meta.get("step", 0))
 
 
-def save(directory: str | Path, ckpt: Checkpoint, keep_last: int = 1) -> Path:
+def save(directory: str | Path, ckpt: Checkpoint, keep_last: int = 1, name: str = LAST) -> Path:
     """Write ``last.npz`` and (``keep_last`` >= 1) ``step-<step>.npz``, each atomically.
 
     ``last.npz`` is a copy of its own, not a link to the step file, so damage to one
     file leaves the other intact. Keeps the newest ``keep_last`` step files (0: none,
-    ``last.npz`` only). Raises CheckpointError (the previous checkpoint intact) if the
-    directory cannot be written. Returns the path written last.
+    ``last.npz`` only). Another ``name`` (``best.npz``) writes that one file only.
+    Raises CheckpointError (the previous checkpoint intact) if the directory cannot
+    be written. Returns the path written last.
     """
     directory = Path(directory)
     arrays = {"params": ckpt.params, **{f"opt.{k}": v for k, v in ckpt.optimizer.items()}}
     meta = {**ckpt.meta, "format": FORMAT_VERSION, "digests": {k: _digest(v) for k, v in arrays.items()}}
     blob = io.BytesIO()
     np.savez(blob, meta=np.array(json.dumps(meta)), **arrays)
-    targets = ([directory / f"step-{ckpt.step:08d}.npz"] if keep_last > 0 else []) + [directory / LAST]
+    if name != LAST:
+        keep_last = -1  # that file alone: no step files written, none removed
+    targets = ([directory / f"step-{ckpt.step:08d}.npz"] if keep_last > 0 else []) + [directory / name]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for target in targets:
@@ -65,7 +68,7 @@ def save(directory: str | Path, ckpt: Checkpoint, keep_last: int = 1) -> Path:
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint in {directory}: {e.strerror or e}; free disk space or point "
                               f"hydra.run.dir at a writable directory (the previous checkpoint is intact)") from None
-    steps = list_steps(directory)
+    steps = list_steps(directory) if keep_last >= 0 else []
     for old in steps[:len(steps) - keep_last] if keep_last > 0 else steps:
         old.unlink(missing_ok=True)
     return targets[-1]

@@ -25,7 +25,7 @@ class ModelConf:
     name: str = "small"
     init: str = "fan_in_uniform"        # or he_normal (dpcnn.model.Model.init)
     layers: List[Dict[str, Any]] = field(default_factory=list)
-    input_shape: Optional[List[int]] = None  # null: the data's (28, 28, 1)
+    input_shape: Optional[List[int]] = None  # null: the data's (set from the data when training starts)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class OptimizerConf:
 class AugmentConf:
     enabled: bool = False
     max_shift: int = 2
+    hflip: bool = False                 # random horizontal flips (cifar10); never for digits
 
 
 @dataclass
@@ -55,18 +56,36 @@ class DataConf:
     train_subset: Optional[int] = None
     val_fraction: float = 0.0
     val_seed: int = 0
-    verify_checksum: bool = False
+    verify_checksum: bool = False       # true: files that are not the official ones are an error, not a warning
     download: bool = True
     normalize: bool = True
     augment: AugmentConf = field(default_factory=AugmentConf)
-    num_classes: int = 10
-    # Registry overrides (dpcnn.data.get_spec): null keeps the registered value.
-    mean: Optional[float] = None
-    std: Optional[float] = None
-    files: Optional[Dict[str, str]] = None
-    md5: Optional[Dict[str, str]] = None
-    raw_md5: Optional[Dict[str, str]] = None
+    num_classes: Optional[int] = None   # null: from the data (registry, labels, class folders)
+    # The user's own data (format npz / image_folder): the file or folder, and how to decode images.
+    format: Optional[str] = None        # null: the registry's (idx for new datasets given by data.files)
+    path: Optional[str] = None
+    image_size: Optional[List[int]] = None
+    channels: Optional[int] = None
+    test_fraction: float = 0.0          # image folders without train/ and test/: the share held out as test set
+    # Registry overrides (dpcnn.data.get_spec): null keeps the registered value (own data: its statistics).
+    # Set from the data when training starts, so checkpoints and the served model record them.
+    mean: Optional[Any] = None          # one value, or one per channel
+    std: Optional[Any] = None
+    class_names: Optional[List[str]] = None
+    # {name: value} maps. Typed Any: a null Optional[Dict] node cannot take data.md5={name:md5} from the
+    # command line (OmegaConf fails on it); get_spec checks and converts them.
+    files: Any = None
+    md5: Any = None
+    raw_md5: Any = None
     mirrors: Optional[List[str]] = None
+
+
+@dataclass
+class EarlyStoppingConf:
+    monitor: Optional[str] = None       # val_acc | val_loss | test_acc | test_loss | train_acc | train_loss; null: off
+    patience: int = 3                   # epochs without an improvement before stopping
+    min_delta: float = 0.0              # what counts as an improvement
+    restore_best: bool = True           # log (and return the figures of) the best epoch's weights, best.npz
 
 
 @dataclass
@@ -88,6 +107,7 @@ class TrainerConf:
     stall_warning: Optional[float] = 60.0        # s a collective waits before the missing ranks are named
     collective_timeout: Optional[float] = 600.0  # s the step's collective may wait; then the job ends (exit 1)
     setup_timeout: Optional[float] = 1800.0      # the same for set-up, data, evaluation, checkpoints, the end
+    early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
 
 
 @dataclass
@@ -120,7 +140,8 @@ class Config:
 
 
 ConfigStore.instance().store(name="dpcnn_schema", node=Config, provider="dpcnn")
-_SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf, TrackingConf)}
+_SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf, TrackingConf,
+                                     EarlyStoppingConf)}
 
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
             "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
@@ -137,11 +158,15 @@ _RANGES = {
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),
     "optimizer.min_lr": (0, True, False, 0.0), "data.train_subset": (1, True, True, 1000),
     "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
+    "data.test_fraction": (0, True, False, 0.2), "data.num_classes": (1, True, True, 10),
+    "trainer.early_stopping.patience": (1, True, False, 3), "trainer.early_stopping.min_delta": (0, True, False, 0.001),
     "tracking.activation_images": (0, True, False, 4), "tracking.system_metrics_interval": (0, False, False, 10),
     "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
     "tracking.queue_size": (1, True, False, 10000), "tracking.trial_wait": (0, True, False, 120),
 }
-_BELOW_ONE = ("optimizer.momentum", "data.val_fraction")  # also < 1
+_BELOW_ONE = ("optimizer.momentum", "data.val_fraction", "data.test_fraction")  # also < 1
+#: What early stopping may watch: the epoch's figures every rank has (they come out of the allreduce).
+MONITORS = ("val_acc", "val_loss", "test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def objective_name(cfg: DictConfig) -> str:
@@ -220,7 +245,27 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key in _BELOW_ONE else "")
             raise ConfigError(f"{key} must be {bound}{' or null' if nullable else ''}, got {value}; "
                               f"e.g. {key}={example}")
+    _check_data_and_stopping(cfg)
     t = cfg.trainer
     if t.batch_size < world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
                           f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+
+
+def _check_data_and_stopping(cfg: DictConfig) -> None:
+    """The data's own keys (channels, image size) and early stopping's monitor."""
+    d, es = cfg.data, cfg.trainer.early_stopping
+    if d.channels is not None and d.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 (grey) or 3 (RGB), got {d.channels}; e.g. data.channels=3")
+    if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
+        raise ConfigError(f"data.image_size must be [height, width], got {list(d.image_size)}; "
+                          "e.g. data.image_size=[32,32]")
+    if es.monitor is None:
+        return
+    if es.monitor not in MONITORS:
+        raise ConfigError(f"trainer.early_stopping.monitor must be one of {', '.join(MONITORS)} or null, got "
+                          f"{es.monitor!r}; e.g. trainer.early_stopping.monitor=val_acc")
+    if es.monitor.startswith("val_") and not d.val_fraction:
+        raise ConfigError(f"trainer.early_stopping.monitor={es.monitor} needs a validation split: set "
+                          "data.val_fraction, e.g. data.val_fraction=0.1 (or monitor test_acc, which tunes on the "
+                          "test set)")

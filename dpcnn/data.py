@@ -1,39 +1,46 @@
-"""Datasets: the registry, loading and normalisation, the epoch sampler and augmentation.
+"""Datasets: the registry, preparing and identifying the files, loading and normalisation.
 
-Everything a rank needs to turn "mnist" into arrays and global batches into
-its own share, with no MPI in sight (``train.py`` decides who downloads and
-when the others wait):
+Everything a rank needs to turn ``data=mnist`` (or ``cifar10``, an ``.npz``, an
+image folder) into arrays, with no MPI in sight (``train.py`` decides who
+prepares the files and when the others wait):
 
-* ``DATASETS``        the registry: file names, checksums, mirrors, mean/std
-* ``load_dataset``    -> ``Splits`` of float32 ``(n, h, w, 1)`` images and int64 labels
-* ``EpochSampler``    the same global batches on every rank; ``shard`` cuts a rank's slice
-* ``shift_offsets``, ``random_shift``  random translations, decided per global batch
+* ``DATASETS``        the registry: format, file names, checksums, mirrors, mean/std, classes
+* ``prepare``         find or download the files, or decode an image folder into its cache; identify them
+* ``load_data``       -> ``Splits`` of float32 ``(n, h, w, c)`` images and int64 labels
+* ``fit_config``      write what the data decides (input shape, classes, normalisation) into the config
 
-Reading, finding, checking and downloading the files is ``dpcnn.idx``
-(``read_idx``, ``ensure_files``, ...). Nothing here depends on the rank or
-the world size, which is what lets training on 1, 2 or 4 ranks produce the
-same weights.
+Reading, finding, checking and downloading IDX files is ``dpcnn.idx``; the
+other formats are ``dpcnn.readers`` (CIFAR-10, ``.npz``) and ``dpcnn.images``
+(image folders); ``dpcnn.identify`` says which bytes they are; the sampler and
+the augmentation are ``dpcnn.sampler`` (re-exported here). Nothing here
+depends on the rank or the world size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .identify import Identity, identify, own_identity
 
-# find_files and ensure_files are re-exported: train.py imports them from here.
-from .idx import _REFETCH, FILE_KEYS, DatasetSpec, ensure_files, find_files, read_idx  # noqa: F401
+# find_files, read_idx and the sampler's names are re-exported: other modules, tests and benches import them here.
+from .idx import FILE_KEYS, DatasetSpec, ensure_files, file_md5, find_files, read_idx  # noqa: F401
+from .images import load_image_folder
+from .readers import image_folder_shape, read_arrays, read_npz, user_path
+from .sampler import (Augment, EpochSampler, flip_mask, random_flip, random_shift, shift_offsets,  # noqa: F401
+                      split_indices)
+
+log = logging.getLogger("dpcnn")
 
 # ---------------------------------------------------------------------- registry
 
 _MNIST_LAYOUT = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
                  "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
-
 
 DATASETS = {
     "mnist": DatasetSpec(
@@ -50,7 +57,7 @@ DATASETS = {
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/",
                  "http://yann.lecun.com/exdb/mnist/"),
-        mean=0.1307, std=0.3081),
+        mean=0.1307, std=0.3081, class_names=tuple(str(i) for i in range(10)), shape=(28, 28, 1)),
     "fashion_mnist": DatasetSpec(
         name="fashion_mnist", files=dict(_MNIST_LAYOUT),
         # Zalando's published .gz checksums (also torchvision's). Repackaged copies such as
@@ -66,16 +73,43 @@ DATASETS = {
         # The official site (torchvision's only mirror), then the dataset's own repository.
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                  "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
-        mean=0.2860, std=0.3530),
+        mean=0.2860, std=0.3530, shape=(28, 28, 1),
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot")),
+    "cifar10": DatasetSpec(
+        name="cifar10", format="cifar10", files={"archive": "cifar-10-binary.tar.gz"},
+        alternatives={"archive": ("cifar-10-batches-bin",)},  # the tarball, or the folder it extracts to
+        # The tarball's MD5 as published on the CIFAR page, and the MD5s of its six extracted batches.
+        md5={"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
+             "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+             "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+             "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+             "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+             "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+             "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"},
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        # Per-channel mean and standard deviation of the 50,000 training images' [0, 1] pixels.
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), shape=(32, 32, 3),
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
+    # The user's own data, at data.path: no files, checksums or mirrors; statistics from the training split.
+    "npz": DatasetSpec(name="npz", format="npz", files={}),
+    "image_folder": DatasetSpec(name="image_folder", format="image_folder", files={}),
 }
+
+
+#: The files each format needs (``DatasetSpec.files`` keys); npz and image folders read ``data.path``.
+FORMAT_FILES = {"idx": FILE_KEYS, "cifar10": ("archive",), "npz": (), "image_folder": ()}
+_OWN = ("npz", "image_folder")
 
 
 def get_spec(cfg: Mapping | DatasetSpec | str) -> DatasetSpec:
     """Build a DatasetSpec from a registered name or a data config (``name`` plus optional overrides).
 
     A known name starts from the registry entry; any of files, md5, raw_md5,
-    mirrors, mean, std, num_classes given (not null) replaces that field. A
-    new dataset in the same format is a config entry with at least ``files``.
+    mirrors, mean, std, num_classes, class_names, format given (not null, not
+    empty) replaces that field. A new dataset in IDX format is a config entry
+    with at least ``files``; any name with ``format: npz`` or ``image_folder``
+    reads ``data.path``.
     """
     if isinstance(cfg, DatasetSpec):
         return cfg
@@ -83,237 +117,245 @@ def get_spec(cfg: Mapping | DatasetSpec | str) -> DatasetSpec:
         cfg = {"name": cfg}
     name = cfg.get("name")
     if not name:
-        raise ConfigError("data.name is not set; choose data=mnist or data=fashion_mnist, "
+        raise ConfigError("data.name is not set; choose data=mnist, data=cifar10, data=npz, data=image_folder ..., "
                           "or give data.name and data.files")
     name = str(name)
     if name.replace("-", "_") in DATASETS:  # "fashion-mnist" as the folder is named
         name = name.replace("-", "_")
-    given = {k: cfg.get(k) for k in ("files", "md5", "raw_md5", "mirrors", "mean", "std", "num_classes")}
-    given = {k: v for k, v in given.items() if v is not None}
+    keys = ("files", "md5", "raw_md5", "mirrors", "mean", "std", "num_classes", "class_names", "format")
+    given = {k: v for k, v in ((k, cfg.get(k)) for k in keys) if v is not None and (v or k == "num_classes")}
     for k in ("files", "md5", "raw_md5"):
         if k in given:
+            if not isinstance(given[k], Mapping):
+                raise ConfigError(f"data.{k} must map file names to values, got {given[k]!r}; "
+                                  f"e.g. data.{k}={{train-images-idx3-ubyte.gz:...}}")
             given[k] = {str(a): str(b) for a, b in dict(given[k]).items()}
-    if "mirrors" in given:
-        m = given["mirrors"]
-        given["mirrors"] = (str(m),) if isinstance(m, str) else tuple(str(u) for u in m)
-    for k, cast in (("mean", float), ("std", float), ("num_classes", int)):
+    for k in ("mirrors", "class_names"):
         if k in given:
-            given[k] = cast(given[k])
+            given[k] = (str(given[k]),) if isinstance(given[k], str) else tuple(str(u) for u in given[k])
+    for k in ("mean", "std"):
+        if k in given:
+            v = given[k]
+            given[k] = float(v) if isinstance(v, (int, float)) else tuple(float(u) for u in v)
+    if "num_classes" in given:
+        given["num_classes"] = int(given["num_classes"])
+    fmt = str(given.get("format") or (DATASETS[name].format if name in DATASETS else "idx"))
+    if fmt not in FORMAT_FILES:
+        raise ConfigError(f"data.format must be one of {', '.join(FORMAT_FILES)}, got {fmt!r}")
     if name in DATASETS:
         spec = dataclasses.replace(DATASETS[name], **given)
-    elif "files" in given:
-        spec = DatasetSpec(name=name, **given)
+    elif "files" in given or fmt in _OWN:
+        spec = DatasetSpec(name=name, **{"files": {}, **given})
     else:
         raise DataError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)}); "
                         "fix data.name or give data.files/data.mirrors for a new dataset")
-    missing = [k for k in FILE_KEYS if k not in spec.files]
+    missing = [k for k in FORMAT_FILES[spec.format] if k not in spec.files]
     if missing:
         raise ConfigError(f"data.files for '{name}' lacks {', '.join(missing)}; "
-                          f"give a file name for each of {', '.join(FILE_KEYS)}")
-    if not spec.std > 0:
+                          f"give a file name for each of {', '.join(FORMAT_FILES[spec.format])}")
+    if not np.all(np.asarray(spec.std) > 0):
         raise ConfigError(f"data.std must be positive, got {spec.std}")
     return spec
+
+
+def input_hint(cfg: Mapping) -> tuple[int, int, int] | None:
+    """One example's ``(h, w, c)`` when the config alone fixes it (registered datasets, image folders)."""
+    spec = get_spec(cfg)
+    if spec.format == "image_folder" and cfg.get("image_size") and cfg.get("channels"):
+        return (*(int(s) for s in cfg["image_size"]), int(cfg["channels"]))
+    return tuple(spec.shape) if spec.shape else None
 
 
 # ------------------------------------------------------------------------ loading
 
 @dataclass
 class Splits:
-    """Arrays ready to train on: x float32 ``(n, h, w, c)``, y int64 ``(n,)``.
+    """Arrays ready to train on: x float32 ``(n, h, w, c)``, y int64 ``(n,)``, and what the data says.
 
-    ``background`` is the value a 0 pixel has after normalisation (the fill
-    for shifted-in pixels).
+    ``mean``/``std`` are the normalisation applied to [0, 1] pixels (one value,
+    or one per channel); ``background`` is the value a 0 pixel has after it
+    (the fill for shifted-in pixels). ``identity`` says which files these are
+    (set by `prepare`); ``source`` is where they were read from.
     """
 
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray] | None
     test: tuple[np.ndarray, np.ndarray]
     spec: DatasetSpec
-    background: float = 0.0
+    background: float | np.ndarray = 0.0
+    num_classes: int = 10
+    class_names: tuple = ()
+    mean: float | tuple = 0.0
+    std: float | tuple = 1.0
+    identity: Identity | None = None
+    source: str | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.train[0].shape[1:])
 
 
-def _images(path: Path) -> np.ndarray:
-    raw = read_idx(path)
-    if raw.dtype != np.uint8 or raw.ndim not in (3, 4):
-        raise DataError(f"{path}: expected uint8 images of shape (n, h, w) or (n, h, w, c), "
-                        f"got {raw.dtype} {raw.shape}; point data.files.*_images at an image file")
-    return raw if raw.ndim == 4 else raw[..., None]
+def _per_channel(value, channels: int, key: str) -> np.ndarray:
+    """A mean or std as float64 ``(channels,)``: one number for all, or one per channel."""
+    v = np.asarray(value, np.float64).reshape(-1)
+    if v.size not in (1, channels):
+        raise ConfigError(f"data.{key} has {v.size} values for images of {channels} channel(s); "
+                          f"give one, or one per channel")
+    return np.broadcast_to(v, (channels,))
 
 
-def _labels(path: Path, n_images: int, num_classes: int) -> np.ndarray:
-    raw = read_idx(path)
-    if raw.ndim != 1 or raw.dtype.kind not in "iu":
-        raise DataError(f"{path}: expected a 1-D integer label file, got {raw.dtype} {raw.shape}; "
-                        "point data.files.*_labels at a label file")
-    if raw.shape[0] != n_images:
-        raise DataError(f"{path}: {raw.shape[0]} labels for {n_images} images; the image and label files "
-                        f"belong to different sets, {_REFETCH}")
-    if raw.size and (raw.min() < 0 or raw.max() >= num_classes):
-        bad = raw[(raw < 0) | (raw >= num_classes)][0]
-        raise DataError(f"{path}: label {bad} outside 0..{num_classes - 1}; {_REFETCH}, "
-                        "or set data.num_classes to the real number of classes")
-    return raw.astype(np.int64)
+def _to_float(raw: np.ndarray, mean, std, normalize: bool) -> np.ndarray:
+    """uint8 (or [0, 1] float) ``raw`` -> float32 ``(raw/255 - mean)/std`` (or ``raw/255``), per channel.
+
+    uint8: only 256 input values exist, so each is computed once per channel in
+    float64 and rounded once (every pixel correctly rounded), then one
+    vectorised gather per channel.
+    """
+    channels = raw.shape[-1]
+    mean, std = (_per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")) if normalize \
+        else (np.zeros(channels), np.ones(channels))
+    if raw.dtype != np.uint8:  # [0, 1] floats (an .npz)
+        return (raw.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32)
+    luts = ((np.arange(256)[:, None] / 255.0 - mean) / std).astype(np.float32)  # (256, channels)
+    if np.all(luts == luts[:, :1]):
+        return luts[:, 0][raw]
+    out = np.empty(raw.shape, np.float32)
+    for c in range(channels):
+        out[..., c] = luts[:, c][raw[..., c]]
+    return out
 
 
-def _to_float(raw: np.ndarray, mean: float, std: float, normalize: bool) -> np.ndarray:
-    """uint8 ``raw`` -> float32 ``(raw/255 - mean)/std`` (or ``raw/255``), in one vectorised gather."""
-    # Only 256 input values exist: compute each once in float64 and round once, so
-    # every pixel is the correctly rounded result, in a single pass over the data.
-    levels = np.arange(256) / 255.0
-    lut = ((levels - mean) / std if normalize else levels).astype(np.float32)
-    return lut[raw]
-
-
-def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, val) index arrays, each sorted, disjoint, covering 0..n-1."""
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0:
-        return np.arange(n), np.arange(0)
-    if n < 2:
-        raise ConfigError(f"data.val_fraction={val_fraction} needs at least 2 training examples, have {n}")
-    n_val = min(n - 1, max(1, round(val_fraction * n)))  # both parts non-empty
-    # A tag in the seed keeps this stream apart from the sampler's default_rng([seed, epoch]).
-    perm = np.random.default_rng([seed, 0x56414C]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+def channel_stats(x: np.ndarray) -> tuple[tuple, tuple]:
+    """Per-channel (mean, std) of [0, 1] pixels (uint8 counted exactly with one histogram per channel)."""
+    means, stds = [], []
+    for c in range(x.shape[-1]):
+        if x.dtype == np.uint8:
+            counts = np.bincount(x[..., c].reshape(-1), minlength=256)
+            levels = np.arange(256) / 255.0
+            mean = counts @ levels / counts.sum()
+            var = counts @ (levels - mean) ** 2 / counts.sum()
+        else:
+            mean, var = float(x[..., c].mean(dtype=np.float64)), float(x[..., c].var(dtype=np.float64))
+        means.append(round(float(mean), 6))
+        stds.append(round(max(float(np.sqrt(var)), 1e-6), 6))
+    return tuple(means), tuple(stds)
 
 
 def load_dataset(cfg_or_spec: Mapping | DatasetSpec, root=None, *, train_subset: int | None = None,
                  val_fraction: float = 0.0, val_seed: int = 0, download: bool = True,
                  verify_checksum: bool = False, normalize: bool = True, progress: bool = True,
-                 timeout: float = 30.0) -> Splits:
-    """Find (or download) a dataset and return its train/val/test arrays.
+                 timeout: float = 30.0, identity: Identity | None = None) -> Splits:
+    """Find (or download, or decode) a dataset and return its train/val/test arrays.
 
     ``train_subset`` keeps the first N training examples; ``val_fraction`` then
     carves a validation split out of them with a seeded permutation, the same
-    on every rank and every run. Images are float32 ``(n, h, w, 1)``: scaled
-    to [0, 1], then ``(x - mean) / std`` unless ``normalize=False``.
+    on every rank and every run. Images are float32 ``(n, h, w, c)``: scaled
+    to [0, 1], then ``(x - mean) / std`` per channel unless ``normalize=False``;
+    the user's own data is normalised with its training split's statistics
+    unless ``data.mean``/``data.std`` are given.
     """
     spec = get_spec(cfg_or_spec)
-    paths = ensure_files(spec, root, download=download, verify_checksum=verify_checksum,
-                         progress=progress, timeout=timeout)
-    arrays = {}
-    for part in ("train", "test"):
-        images = _images(paths[f"{part}_images"])
-        labels = _labels(paths[f"{part}_labels"], images.shape[0], spec.num_classes)
-        arrays[part] = (images, labels)
-    (x_raw, y), n = arrays["train"], arrays["train"][1].shape[0]
+    opts = cfg_or_spec if isinstance(cfg_or_spec, Mapping) else {}
+    x_raw, y, x_test, y_test, names, k, source = read_arrays(spec, opts, root, download, verify_checksum, progress,
+                                                             timeout)
+    n = len(y)
     if train_subset is not None:
         if not 0 < train_subset:
             raise ConfigError(f"data.train_subset must be a positive number of examples or null, got {train_subset}")
         n = min(n, int(train_subset))
         x_raw, y = x_raw[:n], y[:n]
     train_idx, val_idx = split_indices(n, val_fraction, val_seed)
-    x = _to_float(x_raw, spec.mean, spec.std, normalize)
-    if len(val_idx):
-        train, val = (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
-    else:
-        train, val = (x, y), None
-    test = (_to_float(arrays["test"][0], spec.mean, spec.std, normalize), arrays["test"][1])
-    background = float(np.float32(-spec.mean / spec.std)) if normalize else 0.0
-    return Splits(train=train, val=val, test=test, spec=spec, background=background)
+    mean, std = spec.mean, spec.std
+    if spec.format in _OWN:  # the user's data: its training split's statistics, unless data.mean/std are given
+        stats = dict(zip(("mean", "std"), channel_stats(x_raw[train_idx])))
+        mean, std = (getattr(spec, key) if opts.get(key) is not None else stats[key] for key in ("mean", "std"))
+    if not normalize:
+        mean, std = 0.0, 1.0
+    x = _to_float(x_raw, mean, std, normalize)
+    train, val = ((x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])) if len(val_idx) else ((x, y), None)
+    channels = x.shape[-1]
+    background = -_per_channel(mean, channels, "mean") / _per_channel(std, channels, "std")
+    background = float(np.float32(background[0])) if np.all(background == background[0]) \
+        else background.astype(np.float32)
+    names = tuple(opts.get("class_names") or ()) or names or spec.class_names
+    names = tuple(str(c) for c in names) if len(names) == k else tuple(str(i) for i in range(k))
+    return Splits(train=train, val=val, test=(_to_float(x_test, mean, std, normalize), y_test), spec=spec,
+                  background=background, num_classes=k, class_names=names, mean=mean, std=std, identity=identity,
+                  source=source)
 
 
-def load_data(cfg: Mapping, root=None) -> Splits:
-    """``load_dataset`` driven by the Hydra ``data`` config group; unknown keys are ignored."""
+def _options(cfg: Mapping, root=None) -> dict:
     get = cfg.get
+    return dict(root=root if root not in (None, "") else get("root"), download=bool(get("download", True)),
+                progress=bool(get("progress", True)), timeout=float(get("timeout") or 30.0))
+
+
+def prepare(cfg: Mapping, root=None) -> Identity:
+    """Make the data readable and say what it is; run by ONE process (rank 0) before any reads it.
+
+    Registered and IDX datasets: find the files or download them (MD5-checked),
+    then identify them (`dpcnn.identify`: another dataset's files are an error,
+    unknown ones a warning). npz: hash the file. Image folders: decode them into
+    their cache if it is missing or stale.
+    """
+    spec, o = get_spec(cfg), _options(cfg, root)
+    if spec.format == "npz":
+        path = user_path(cfg, spec)
+        if not path.is_file():
+            read_npz(path)  # its one-line error
+        return own_identity(spec.name, {path.name: file_md5(path)})
+    if spec.format == "image_folder":
+        return own_identity(spec.name, load_image_folder(user_path(cfg, spec), *image_folder_shape(cfg))[-1])
+    paths = ensure_files(spec, o["root"], download=o["download"], progress=o["progress"], timeout=o["timeout"])
+    return identify(spec, paths, DATASETS, strict=bool(cfg.get("verify_checksum", False)))
+
+
+def load_data(cfg: Mapping, root=None, identity: Identity | None = None) -> Splits:
+    """``load_dataset`` driven by the Hydra ``data`` config group; unknown keys are ignored.
+
+    Without ``identity`` (standalone use) it `prepare`s the data first; with it
+    (rank 0 prepared it) nothing is downloaded or decoded here.
+    """
+    get = cfg.get
+    if identity is None:
+        identity = prepare(cfg, root)
+    o = _options(cfg, root)
     return load_dataset(
-        cfg, root=root if root not in (None, "") else get("root"),
-        train_subset=get("train_subset"), val_fraction=float(get("val_fraction") or 0.0),
-        val_seed=int(get("val_seed") or 0), download=bool(get("download", True)),
-        verify_checksum=bool(get("verify_checksum", False)), normalize=bool(get("normalize", True)),
-        progress=bool(get("progress", True)), timeout=float(get("timeout") or 30.0))
+        cfg, root=o["root"], train_subset=get("train_subset"), val_fraction=float(get("val_fraction") or 0.0),
+        val_seed=int(get("val_seed") or 0), download=False, normalize=bool(get("normalize", True)),
+        progress=o["progress"], timeout=o["timeout"], identity=identity)
 
 
-# ------------------------------------------------------------------------ sampler
+# ------------------------------------------------------------------ the data decides
 
-class EpochSampler:
-    """Global batches of example indices, identical on every rank.
+def head_for(layers: list, num_classes: int) -> int | None:
+    """Make the last layer, a dense classifier, output ``num_classes``; returns its old width if it changed."""
+    last = layers[-1] if layers else None
+    if last is None or last.get("type") != "dense" or last.get("units") == num_classes:
+        return None
+    old, last["units"] = last.get("units"), num_classes
+    return old
 
-    Epoch e visits ``default_rng([seed, e]).permutation(n)`` in slices of
-    ``batch_size``; global batch k is the k-th slice. Each rank then takes its
-    contiguous ``shard`` of that batch, so the global batch, and therefore the
-    averaged gradient, does not depend on the number of ranks.
+
+def fit_config(cfg, data: Splits, announce: bool = False) -> None:
+    """Write what the data decides into the composed config (a DictConfig): ``model.input_shape``,
+    ``data.num_classes``, ``data.class_names``, ``data.mean``/``std`` and the width of the last dense layer.
+
+    Checkpoints, MLflow parameters and the served model's spec are all made
+    from the config, so they then describe the model that was trained. A
+    ``model.input_shape`` given by hand that differs from the data's is an error.
     """
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False):
-        if n < 0 or batch_size < 1:
-            raise ConfigError(f"sampler needs n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
-        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
-        self._cache: tuple[int, np.ndarray] | None = None  # permutation of the current epoch
-
-    @property
-    def num_batches(self) -> int:
-        whole, rest = divmod(self.n, self.batch_size)
-        return whole + (1 if rest and not self.drop_last else 0)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order of all n examples in ``epoch``: int64 ``(n,)``."""
-        if self._cache is None or self._cache[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
-            order.flags.writeable = False  # shared by every batch() of the epoch: keep it intact
-            self._cache = (epoch, order)
-        return self._cache[1]
-
-    def batch(self, epoch: int, k: int) -> np.ndarray:
-        """Global indices of batch k of ``epoch``: ``(batch_size,)``, or shorter for the last one."""
-        if not 0 <= k < self.num_batches:
-            raise IndexError(f"batch {k} out of range 0..{self.num_batches - 1}")
-        return self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
-
-    @staticmethod
-    def shard(global_indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-        """Rank r's contiguous part of a global batch (np.array_split: sizes differ by at most one)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in 0..{world_size - 1}")
-        start = EpochSampler.shard_start(len(global_indices), rank, world_size)
-        return global_indices[start:EpochSampler.shard_start(len(global_indices), rank + 1, world_size)]
-
-    @staticmethod
-    def shard_start(batch_size: int, rank: int, world_size: int) -> int:
-        """Where rank r's shard starts in a global batch of ``batch_size`` (rank = world_size: the end)."""
-        base, extra = divmod(batch_size, world_size)
-        return rank * base + min(rank, extra)
-
-    def local_batches(self, epoch: int, rank: int, world_size: int, start: int = 0
-                      ) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield ``(k, global_batch_size, local_indices)`` for k = start, ..., num_batches - 1."""
-        for k in range(start, self.num_batches):
-            indices = self.batch(epoch, k)
-            yield k, len(indices), self.shard(indices, rank, world_size)
-
-
-# ------------------------------------------------------------------- augmentation
-
-def shift_offsets(seed: int, epoch: int, step: int, n: int, max_shift: int) -> np.ndarray:
-    """Random ``(dy, dx)`` per example of global batch ``step``: int64 ``(n, 2)`` in [-max_shift, max_shift].
-
-    Drawn for the whole global batch, so rank r uses the rows of its shard and
-    the augmentation does not depend on the world size.
-    """
-    # The trailing tag keeps these draws apart from the sampler's stream: SeedSequence
-    # pads with zeros, so [seed, epoch, 0] alone would equal the sampler's [seed, epoch].
-    rng = np.random.default_rng([seed, epoch, step, 0x5348])
-    return rng.integers(-max_shift, max_shift + 1, size=(n, 2))
-
-
-def random_shift(x: np.ndarray, offsets: np.ndarray, fill: float | None = None) -> np.ndarray:
-    """Translate each image of ``x`` ``(n, h, w, c)`` by its ``offsets[i] = (dy, dx)``.
-
-    ``out[i, y, x] = x[i, y - dy, x - dx]``: positive dy moves content down,
-    positive dx right. Pixels shifted in take ``fill``; by default each
-    image's minimum, which for MNIST-like data is the normalised 0 pixel (pass
-    ``Splits.background`` to be explicit). Returns a new array of x's dtype.
-    """
-    n, h, w, _ = x.shape
-    dy, dx = offsets[:, 0:1], offsets[:, 1:2]                      # (n, 1)
-    rows, cols = np.arange(h) - dy, np.arange(w) - dx               # source row/col: (n, h), (n, w)
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    # One gather for all images: clipped indices read some valid pixel, then the mask overwrites them.
-    out = x[np.arange(n)[:, None, None], np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]
-    if fill is None:
-        fill_values = x.min(axis=(1, 2, 3), keepdims=True)
-    else:
-        fill_values = np.asarray(fill, dtype=x.dtype)
-    return np.where(inside[..., None], out, fill_values).astype(x.dtype, copy=False)
+    shape = list(data.input_shape)
+    given = cfg.model.get("input_shape")
+    if given and [int(s) for s in given] != shape:
+        raise ConfigError(f"model.input_shape={list(given)} but the {data.spec.name} images are {shape}; "
+                          "leave model.input_shape=null to take the data's")
+    cfg.model.input_shape = shape
+    cfg.data.num_classes, cfg.data.class_names = data.num_classes, list(data.class_names)
+    as_config = (lambda v: float(v) if np.ndim(v) == 0 else [float(u) for u in v])
+    cfg.data.mean, cfg.data.std = as_config(data.mean), as_config(data.std)
+    layers = cfg.model.layers
+    old = head_for(layers, data.num_classes) if len(layers) else None
+    if old is not None and announce:
+        log.info("model: the last layer gets %d units, one per class of %s (the config said %s)",
+                 data.num_classes, data.spec.name, old)

@@ -15,6 +15,7 @@ import traceback
 
 import numpy as np
 from mpi4py import MPI
+from threadpoolctl import threadpool_limits
 
 from . import errors, watchdog
 
@@ -59,8 +60,6 @@ class Dist:
         """
         if any(v in os.environ for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
             return 0
-        from threadpoolctl import threadpool_limits
-
         threads = max(1, _cores() // self.local_size)
         threadpool_limits(threads, user_api="blas")
         return threads

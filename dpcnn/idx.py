@@ -1,10 +1,10 @@
 """Dataset files: reading IDX, finding the files, checksums, download with verification.
 
 * ``read_idx``        one IDX file (gzip or raw) -> ndarray, or one clear DataError line
-* ``DatasetSpec``     a dataset's identity: its four file names, checksums, mirrors, mean/std
-* ``find_files``      where the four files are (search folders under the data root)
-* ``verify_file``     a file against the MD5 of the served file, or of its decompressed bytes
-* ``ensure_files``    find the four files, or download them (checksummed, atomic)
+* ``DatasetSpec``     a dataset's identity: its format, file names, checksums, mirrors, mean/std, classes
+* ``find_files``      where its files are (search folders under the data root)
+* ``file_md5``, ``verify_file``  a file's MD5; a file against the MD5 of the served file, or of its decompressed bytes
+* ``ensure_files``    find the files, or download them (checksummed, atomic)
 
 The registry of known datasets (``DATASETS``, ``get_spec``) and what turns the
 files into arrays live in ``dpcnn.data``, which imports this module (never the
@@ -113,22 +113,33 @@ FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a dataset's four IDX files come from and how to normalise them.
+    """Where a dataset's files come from, what they are and how to normalise them.
 
-    ``files`` maps each of FILE_KEYS to a file name; ``md5`` maps file names to
-    the MD5 of the file as served (the .gz); ``raw_md5`` optionally maps them to
-    the MD5 of the decompressed bytes, so a recompressed or gunzipped copy of
-    the same data still verifies. ``mean``/``std`` are of pixels scaled to [0, 1].
+    ``format`` says how the files are read: ``idx`` (``files`` maps each of
+    FILE_KEYS to a file name), ``cifar10`` (``files["archive"]``: the official
+    binary tarball), or ``npz`` / ``image_folder`` (no files: ``data.path``).
+    ``md5`` maps file names to the MD5 of the file as served (the .gz, the
+    tarball), or of a member of it (an extracted CIFAR batch); ``raw_md5``
+    optionally maps them to the MD5 of the decompressed bytes, so a recompressed
+    or gunzipped copy of the same data still verifies. ``alternatives`` maps a
+    key to other names that count as that file (the extracted folder of an
+    archive). ``mean``/``std`` are of pixels scaled to [0, 1]: one number, or
+    one per channel. ``shape`` is one example's ``(h, w, c)`` when the format
+    fixes it.
     """
 
     name: str
     files: dict
     md5: dict = field(default_factory=dict)
     mirrors: tuple = ()
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple = 0.0
+    std: float | tuple = 1.0
     num_classes: int = 10
     raw_md5: dict = field(default_factory=dict)
+    format: str = "idx"
+    class_names: tuple = ()
+    alternatives: dict = field(default_factory=dict)
+    shape: tuple | None = None
 
 
 # ------------------------------------------------------------- finding, download
@@ -151,17 +162,17 @@ def search_dirs(spec: DatasetSpec, root: str | os.PathLike | None = None) -> lis
 
 
 def find_files(spec: DatasetSpec, root=None) -> tuple[dict[str, Path], list[str]]:
-    """Look for the four files: ``(found {key: path}, missing [key, ...])``.
+    """Look for the spec's files: ``(found {key: path}, missing [key, ...])``.
 
     In each search folder a file also counts under its name without ".gz"
-    (read_idx does not care). Anything at that path counts as found, even a
-    directory, so that read_idx reports it instead of a download clobbering it.
+    (read_idx does not care), and under ``spec.alternatives``. Anything at that
+    path counts as found, even a directory, so that the reader reports it
+    instead of a download clobbering it.
     """
     dirs = search_dirs(spec, root)
     found, missing = {}, []
-    for key in FILE_KEYS:
-        fname = spec.files[key]
-        names = list(dict.fromkeys([fname, fname.removesuffix(".gz")]))
+    for key, fname in spec.files.items():
+        names = list(dict.fromkeys([fname, fname.removesuffix(".gz"), *spec.alternatives.get(key, ())]))
         hit = next((d / n for d in dirs for n in names if (d / n).exists()), None)
         if hit is None:
             missing.append(key)
@@ -170,12 +181,24 @@ def find_files(spec: DatasetSpec, root=None) -> tuple[dict[str, Path], list[str]
     return found, missing
 
 
-def _md5(path: Path) -> str:
+def file_md5(path: Path) -> str:
+    """The MD5 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def decompressed_md5(path: Path) -> str:
+    """The MD5 of a file's bytes after gunzip (of the bytes themselves if it is not gzip, or is corrupt)."""
+    blob = path.read_bytes()
+    if blob[:2] == b"\x1f\x8b":
+        try:
+            blob = gzip.decompress(blob)
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
+            pass  # corrupt: its raw bytes match nothing known either
+    return hashlib.md5(blob).hexdigest()
 
 
 def verify_file(spec: DatasetSpec, key: str, path: Path) -> None:
@@ -186,18 +209,12 @@ def verify_file(spec: DatasetSpec, key: str, path: Path) -> None:
         return  # a config-defined dataset without checksums: nothing to check against
     if not path.is_file():
         read_idx(path)  # raises its one-line error (a directory, say)
-    actual = _md5(path)
+    actual = file_md5(path)
     if actual == want:
         return
     expected, got = f"md5 {want}" if want else "", f"got {actual}"
     if want_raw is not None:
-        blob = path.read_bytes()
-        if blob[:2] == b"\x1f\x8b":
-            try:
-                blob = gzip.decompress(blob)
-            except (EOFError, zlib.error, gzip.BadGzipFile, OSError):
-                pass  # corrupt: reported as a mismatch below
-        actual_raw = hashlib.md5(blob).hexdigest()
+        actual_raw = decompressed_md5(path)
         if actual_raw == want_raw:
             return
         expected = " or ".join(filter(None, [expected, f"decompressed md5 {want_raw}"]))
@@ -281,7 +298,7 @@ def _download_missing(spec: DatasetSpec, target: Path, missing: list[str], found
 
 def ensure_files(spec: DatasetSpec, root=None, download: bool = True, verify_checksum: bool = False,
                  progress: bool = True, timeout: float = 30.0) -> dict[str, Path]:
-    """Return ``{key: path}`` of the four files, downloading the missing ones.
+    """Return ``{key: path}`` of the spec's files, downloading the missing ones.
 
     Downloads go to <root>/<name>/, trying each mirror in turn (a failure,
     a dropped connection or a checksum mismatch moves on to the next). Files

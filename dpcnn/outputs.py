@@ -17,10 +17,10 @@ from typing import Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint, faults
-from .data import find_files
+from . import __version__, checkpoint, faults, viz
 from .dist import Dist
 from .errors import DpcnnError
+from .host_metrics import name_this_host
 from .model import Model
 from .resume import Position
 from .tracking import dataset_input, flatten, make_tracker, mark_run
@@ -43,19 +43,21 @@ class RootOutputs:
         self.bar = None
 
     def start(self, model: Model, dist: Dist, resumed_from: dict | None, data=None,
-              history: list | None = None) -> None:
-        """``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
+              history: list | None = None) -> str | None:
+        """Start the MLflow run (rank 0); returns its id (None without tracking).
+
+        ``data`` (the `dpcnn.data.Splits`) is logged as the run's dataset inputs and, at the end,
         its test split feeds the confusion matrix, activation maps and misclassified examples.
         ``history`` is the training loop's list of per-epoch metrics (resumed ones included),
         which the learning curves draw."""
         if not self.enabled:
-            return
+            return None
         self.data, self.history = data, history if history is not None else []
         log.info("model %s (%s parameters), data %s, %d rank(s), global batch %d\n%s",
                  self.cfg.model.name, f"{model.num_params:,}", self.cfg.data.name, dist.size,
                  self.cfg.trainer.batch_size, model.summary())
         if not self.tracker.enabled:
-            return
+            return None
         tags = {"dpcnn.version": __version__, "dpcnn.world_size": str(dist.size),
                 "dpcnn.mpi": Dist.library_version(), "dpcnn.run_dir": str(self.run_dir),
                 "dpcnn.model": self.cfg.model.name, "dpcnn.data": self.cfg.data.name}
@@ -64,6 +66,8 @@ class RootOutputs:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        if data is not None and data.identity is not None:  # which bytes this run trains on (dpcnn.identify)
+            tags.update(data.identity.tags())
         if resumed_from:
             tags["dpcnn.resumed_from"] = resumed_from.get("mlflow_run_id") or resumed_from["path"]
             tags["dpcnn.resumed_at_step"] = str(resumed_from["step"])
@@ -79,13 +83,14 @@ class RootOutputs:
         if data is not None and self.cfg.tracking.datasets:
             self._log_datasets(data)
         if self.cfg.tracking.system_metrics:
+            name_this_host(dist)  # a job on several hosts tells their samplers apart (dpcnn.host_metrics)
             self.tracker.start_system_metrics(self.cfg.tracking.system_metrics_interval)
+        return self.tracker.run_id
 
     def _log_datasets(self, data) -> None:
         """train/val/test as the run's MLflow dataset inputs: name, digest, source folder, context."""
         try:
-            found, _ = find_files(data.spec, self.cfg.data.root)
-            source = str(found["train_images"].resolve().parent) if "train_images" in found else None
+            source = data.source
             splits = [("train", data.train, "training"), ("val", data.val, "validation"),
                       ("test", data.test, "testing")]
             self.tracker.log_inputs([dataset_input(f"{data.spec.name}-{part}", x, y, source, context)
@@ -109,8 +114,6 @@ class RootOutputs:
         spec, t0 = self._model_spec(model), time.perf_counter()
         if tcfg.plots:
             try:
-                from . import viz
-
                 report = viz.render_report(
                     model, x, y, self.run_dir / "plots", history=self.history, mean=spec["mean"], std=spec["std"],
                     class_names=spec["class_names"], activation_images=tcfg.activation_images,
@@ -164,9 +167,10 @@ class RootOutputs:
                  100 * metrics["allreduce_frac"])
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
 
-    def save(self, model: Model, opt_state: dict, pos: Position) -> tuple[str | None, bool]:
-        """Write the checkpoint; returns (error message or None, whether one was written) instead of
-        raising (the caller shares it with every rank)."""
+    def save(self, model: Model, opt_state: dict, pos: Position,
+             name: str = checkpoint.LAST) -> tuple[str | None, bool]:
+        """Write the checkpoint (``name``: last.npz and step files, or e.g. best.npz alone); returns (error
+        message or None, whether one was written) instead of raising (the caller shares it with every rank)."""
         if not (self.enabled and self.cfg.trainer.checkpoint):
             return None, False
         meta = {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch, "history": pos.history,
@@ -174,7 +178,7 @@ class RootOutputs:
                 "dpcnn_version": __version__, "num_params": model.num_params, "dtype": str(model.dtype)}
         try:
             checkpoint.save(self.ckpt_dir, checkpoint.Checkpoint(model.params, opt_state, meta),
-                            keep_last=self.cfg.trainer.keep_last)
+                            keep_last=self.cfg.trainer.keep_last, name=name)
         except DpcnnError as e:
             return str(e), False
         return None, True
@@ -198,8 +202,9 @@ class RootOutputs:
             faults.check("end", 0, self.history[-1]["step"] if self.history else 0, self.interrupted)
             if status == "FINISHED" and model is not None and self.tracker.enabled and getattr(self, "data", None):
                 self._log_results(model)
-            if self.tracker.enabled and self.ckpt_dir.joinpath(checkpoint.LAST).exists():
-                self.tracker.log_artifact(self.ckpt_dir / checkpoint.LAST, "checkpoints")
+            for name in (checkpoint.LAST, "best.npz"):  # best.npz: early stopping's best epoch (dpcnn.early_stop)
+                if self.tracker.enabled and self.ckpt_dir.joinpath(name).exists():
+                    self.tracker.log_artifact(self.ckpt_dir / name, "checkpoints")
         except BaseException:
             status = "FAILED" if status == "FINISHED" else status  # the end itself failed
             raise

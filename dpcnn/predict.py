@@ -7,9 +7,12 @@
 ``model`` is any MLflow model URI (``runs:/``, ``models:/``, a local model
 folder) of a model logged by ``dpcnn.train``, or a training checkpoint
 (``.npz``; no MLflow needed). ``images`` is an IDX image file (gzip or raw,
-as MNIST ships) or PNG files: comma-separated, globs allowed. PNGs must be
-28x28 (grey or RGB); a light background is inverted to MNIST's white-on-black
-(``invert=auto``, or ``true``/``false``).
+as MNIST ships) or PNG/JPEG files: comma-separated, globs allowed. Images of
+the model's shape (the data it was trained on: 28x28 grey for MNIST, 32x32
+RGB for CIFAR-10) are taken as they are; others are converted to its channels
+and resized (bilinear), with one warning. For a grey model, a light
+background is inverted to MNIST's white-on-black (``invert=auto``, or
+``true``/``false``).
 
 Other keys: ``labels=<IDX label file>`` (prints the accuracy), ``limit=N``
 (first N images), ``tracking_uri=...`` (default: $MLFLOW_TRACKING_URI, else
@@ -52,50 +55,58 @@ def expand(spec: str) -> list[Path]:
     return paths
 
 
-def read_png(path: Path) -> np.ndarray:
-    """A PNG as grey float32 ``(h, w)`` in [0, 1]; transparency is composited over white."""
-    from matplotlib.image import imread
+def fit_shape(images: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """IDX images ``(n, h, w, c)`` in the model's ``(h, w, c)``, channels converted and resized: (images, changed?)."""
+    h, w, c = shape
+    if images.shape[1:] == (h, w, c):
+        return images, False
+    x = images.astype(np.float32)
+    if x.shape[-1] != c:  # grey -> RGB: repeat; RGB -> grey: the mean
+        x = np.repeat(x, c, axis=-1) if x.shape[-1] == 1 else x.mean(axis=-1, keepdims=True)
+    if x.shape[1:3] != (h, w):
+        from .images import resize_bilinear
 
-    try:
-        img = np.asarray(imread(path), np.float32)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DpcnnError(f"{path}: not a readable PNG ({e})") from None
-    if img.dtype.kind in "ui" or img.max() > 1:  # 16-bit PNGs come back as integers on some versions
-        img = img / np.float32(np.iinfo(np.uint16).max if img.max() > 255 else 255)
-    if img.ndim == 3:
-        rgb, alpha = img[..., :3], img[..., 3:4] if img.shape[-1] == 4 else np.ones_like(img[..., :1])
-        img = (rgb * alpha + (1 - alpha)).mean(axis=-1)
-    return img
+        x = resize_bilinear(x, (h, w))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8) if images.dtype == np.uint8 else x, True
 
 
 def load_images(paths: Sequence[Path], shape: tuple[int, int, int], invert: str = "auto"):
-    """(images, sources, inverted count): uint8 or float images in the model's ``(h, w, c)`` layout.
+    """(images, sources, inverted count): uint8 images in the model's ``(h, w, c)`` layout.
 
-    One IDX file, or any number of PNGs (each one image).
+    One IDX file, or any number of PNG/JPEG files (each one image). Images of
+    another size or number of channels are converted and resized, with a warning.
     """
+    from .images import IMAGE_SUFFIXES, decode
+
     h, w, c = shape
     first = paths[0]
-    if len(paths) == 1 and first.suffix.lower() != ".png":
+    if len(paths) == 1 and first.suffix.lower() not in IMAGE_SUFFIXES:
         images = read_idx(first)  # a DataError (one line) if it is not an IDX file
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.shape[1:] != (h, w, c):
-            raise DpcnnError(f"{first}: images are {images.shape[1:]}, the model takes {(h, w, c)}")
+        images, changed = fit_shape(images[..., None] if images.ndim == 3 else images, shape)
+        if changed:
+            _warn(f"{first}: images converted to the model's {w}x{h}x{c}")
         return images, [f"{first.name}[{i}]" for i in range(len(images))], 0
-    imgs, inverted = [], 0
+    imgs, inverted, resized = [], 0, 0
     for p in paths:
-        if p.suffix.lower() != ".png":
-            raise DpcnnError(f"{p}: give either one IDX file or PNG files (.png)")
-        img = read_png(p)
-        if img.shape != (h, w):
-            raise DpcnnError(f"{p}: image is {img.shape[1]}x{img.shape[0]} pixels, the model takes {w}x{h}; "
-                             "resize it first")
-        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-        if invert == "true" or (invert == "auto" and border.mean() > 0.5):
-            img, inverted = 1 - img, inverted + 1
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DpcnnError(f"{p}: give either one IDX file or image files (.png, .jpg)")
+        try:
+            img, was_resized = decode(p, (h, w), c)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DpcnnError(f"{p}: not a readable image ({' '.join(str(e).split())})") from None
+        resized += was_resized
+        if c == 1:  # digits: white on black, as MNIST
+            border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+            if invert == "true" or (invert == "auto" and border.mean() > 127.5):
+                img, inverted = 255 - img, inverted + 1
         imgs.append(img)
-    x = np.stack(imgs)[..., None]
-    return (np.repeat(x, c, axis=-1) if c > 1 else x), [str(p) for p in paths], inverted
+    if resized:
+        _warn(f"{resized} of {len(paths)} image(s) resized to the model's {w}x{h} pixels")
+    return np.stack(imgs), [str(p) for p in paths], inverted
+
+
+def _warn(message: str) -> None:
+    print(f"dpcnn: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ models

@@ -17,15 +17,17 @@ The dpcnn package itself is logged as the model's ``code/`` (``code_paths``),
 so a served model runs the layer code it was trained with, anywhere numpy and
 mlflow are installed.
 
-Inputs: raw pixels, never normalised ones. ``(n, 28, 28, 1)``, ``(n, 28, 28)``,
-``(n, 784)`` or one ``(28, 28)`` image; uint8 0-255, or float in [0, 1]. An
+Inputs: raw pixels, never normalised ones, in the shape the model was trained
+on (the data's: ``(h, w, c)`` = (28, 28, 1) for MNIST, (32, 32, 3) for
+CIFAR-10). For MNIST: ``(n, 28, 28, 1)``, ``(n, 28, 28)``, ``(n, 784)`` or one
+``(28, 28)`` image; uint8 0-255, or float in [0, 1]. An
 image of floats with any value above 1 is taken as 0-255 (that is what JSON
 integers become under the float32 signature), so ``{"inputs": <uint8 pixels>}``
 over REST works too. The normalisation the network was trained with is applied
 here. Output: a DataFrame with ``label`` (the predicted class) and
 ``prob_0 .. prob_<k-1>`` (the softmax probabilities).
 
-The logged signature is float32 ``(-1, 28, 28, 1)``: MLflow's schema check runs
+The logged signature is float32 ``(-1, h, w, c)`` of the data: MLflow's schema check runs
 before `DpcnnPyfunc.predict`, so through ``mlflow.pyfunc.load_model(...).predict``
 and ``/invocations`` send that layout (float32 for Python callers; any JSON
 numbers over REST). `python -m dpcnn.predict` converts anything else.
@@ -42,19 +44,15 @@ import numpy as np
 import yaml
 
 from . import __version__, checkpoint
-from .data import get_spec
+from .data import DATASETS, get_spec
 from .errors import DpcnnError
 from .model import Model
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "weights.npz"
 SPEC_FORMAT = 1
 
-#: Class names of the registered datasets (others get "0", "1", ...).
-CLASS_NAMES = {
-    "mnist": [str(i) for i in range(10)],
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                      "Bag", "Ankle boot"],
-}
+#: Class names of the registered datasets (others get "0", "1", ...; a run's own come from its config).
+CLASS_NAMES = {name: list(spec.class_names) for name, spec in DATASETS.items() if spec.class_names}
 
 #: The file MLflow executes to get the model object ("models from code": no pickle).
 _MODEL_CODE = '''"""dpcnn pyfunc entry point (MLflow models-from-code); the weights and spec are artifacts."""
@@ -76,24 +74,34 @@ def model_spec(layers: Sequence[Mapping], input_shape, num_classes: int, *, mean
     ``mean``/``std`` are the normalisation applied to [0, 1] pixels during
     training (0 and 1 when training ran with ``data.normalize=false``).
     """
-    names = list(class_names) if class_names is not None else CLASS_NAMES.get(dataset or "", None)
+    names = list(class_names) if class_names else CLASS_NAMES.get(dataset or "", None)
     if names is None or len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
+
+    def number(v):  # one value, or one per channel
+        return float(v) if np.ndim(v) == 0 else [float(u) for u in v]
+
     return {"format": SPEC_FORMAT, "dpcnn_version": __version__, "dataset": dataset,
             "layers": [dict(layer) for layer in layers], "input_shape": [int(s) for s in input_shape],
-            "num_classes": int(num_classes), "mean": float(mean), "std": float(std), "dtype": str(dtype),
+            "num_classes": int(num_classes), "mean": number(mean), "std": number(std), "dtype": str(dtype),
             "num_params": num_params, "class_names": names}
 
 
 def spec_from_config(cfg: Mapping, num_params: int | None = None) -> dict:
-    """The spec of a training run from its composed config (as in a checkpoint's ``meta["config"]``)."""
+    """The spec of a training run from its composed config (as in a checkpoint's ``meta["config"]``).
+
+    Training writes what the data decided into the config (`dpcnn.data.fit_config`:
+    input shape, classes and their names, per-channel mean/std), so the spec, and
+    the served model's signature, follow the data. Configs of older runs fall
+    back on the registry (and on MNIST's 28x28x1).
+    """
     data = get_spec(cfg["data"])
     normalize = bool(cfg["data"].get("normalize", True))
-    mean, std = (float(cfg["data"].get("mean") or data.mean), float(cfg["data"].get("std") or data.std)) \
-        if normalize else (0.0, 1.0)
-    return model_spec(cfg["model"]["layers"], cfg["model"].get("input_shape") or (28, 28, 1), data.num_classes,
-                      mean=mean, std=std, dataset=data.name, dtype=str(cfg.get("trainer", {}).get("dtype", "float32")),
-                      num_params=num_params)
+    mean, std = (data.mean, data.std) if normalize else (0.0, 1.0)
+    shape = cfg["model"].get("input_shape") or data.shape or (28, 28, 1)
+    return model_spec(cfg["model"]["layers"], shape, data.num_classes, mean=mean, std=std, dataset=data.name,
+                      dtype=str(cfg.get("trainer", {}).get("dtype", "float32")), num_params=num_params,
+                      class_names=cfg["data"].get("class_names") or data.class_names or None)
 
 
 def build_model(spec: Mapping, params: np.ndarray | None = None):

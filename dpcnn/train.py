@@ -29,10 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import config, faults, sweep
-from .data import EpochSampler, ensure_files, get_spec, load_data, random_shift, shift_offsets
+from .data import Augment, EpochSampler, fit_config, get_spec, head_for, input_hint, load_data, prepare
 from .dist import Dist
+from .early_stop import EpochStopper
 from .errors import EXIT_FAILED, EXIT_SIGNAL, EXIT_USAGE, ConfigError, Diverged, DpcnnError, report
 from .evaluate import EpochStats, end_epoch
+from .host_metrics import HostMetrics
 from .model import Model
 from .optim import make_optimizer, make_schedule
 from .outputs import RootOutputs
@@ -68,24 +70,34 @@ def stop_requested() -> bool:
 # ----------------------------------------------------------------------------- setup
 
 def validate(cfg: DictConfig, world_size: int) -> None:
-    """Checks that need no data and no model: fail in seconds, before any compute."""
+    """Checks that need no data and no compute: fail in seconds. The model's layers are checked here too
+    when the config alone fixes the input (registered datasets, image folders), else once the data is read."""
     config.validate(cfg, world_size)
-    get_spec(cfg.data)  # unknown dataset name
+    spec = get_spec(cfg.data)  # unknown dataset name
+    shape = input_hint(cfg.data)
+    if shape is not None:
+        make_model(cfg, shape, cfg.data.num_classes or spec.num_classes)
+
+
+def make_model(cfg: DictConfig, input_shape, num_classes: int) -> Model:
+    """``cfg.model`` for this input and this many classes (the last dense layer's width follows them)."""
+    layers = OmegaConf.to_container(cfg.model.layers, resolve=True)
+    head_for(layers, num_classes)
+    return Model.from_config(layers, input_shape=input_shape, num_classes=num_classes, seed=cfg.seed,
+                             dtype=np.dtype(cfg.trainer.dtype), init=cfg.model.init)
 
 
 def load_on_all_ranks(cfg: DictConfig, dist: Dist):
-    """Rank 0 finds or downloads the files while the others wait; then all ranks read them."""
-    spec = get_spec(cfg.data)
+    """Rank 0 finds or downloads the files (or decodes an image folder) and identifies them while the others
+    wait (`dpcnn.data.prepare`: the wrong dataset is an error on every rank); then all ranks read them."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
 
     def fetch():
         faults.check("setup", dist.rank, 0, stop_requested)
-        if dist.is_root:
-            ensure_files(spec, cfg.data.root, download=cfg.data.download,
-                         verify_checksum=cfg.data.verify_checksum, progress=bool(cfg.trainer.progress))
+        return prepare({**data_cfg, "progress": bool(cfg.trainer.progress)}) if dist.is_root else None
 
-    dist.agree(fetch)
-    data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "download": False, "verify_checksum": False}
-    return dist.agree(lambda: load_data(data_cfg))
+    identity = dist.bcast(dist.agree(fetch))
+    return dist.agree(lambda: load_data({**data_cfg, "download": False}, identity=identity))
 
 
 # --------------------------------------------------------------------- training
@@ -101,17 +113,19 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
         step = StepBuffer(model, t.micro_batch)
         pos, resumed_from = resume(cfg, dist, model, opt, run_dir)  # rank 0's weights (or checkpoint) everywhere
-        if pos.step >= last_step:
-            return nothing_to_train(pos, last_step, cfg, dist)
+        stopper = EpochStopper(cfg, pos.history, model, dist, run_dir / "checkpoints")  # [early stop]
+        if pos.step >= last_step or stopper.reason:  # [early stop] a run that stopped early trains nothing more
+            return nothing_to_train(pos, last_step, cfg, dist, stopper)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
-        dist.agree(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        run_id = dist.from_root(lambda: out.start(model, dist, resumed_from, data, pos.history))
+        samplers = HostMetrics(cfg.tracking, dist, run_id)  # system metrics of the other hosts, into that run
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
         batch_of = Batches(cfg, data, dist)
 
         status, summary, stop = "FAILED", {}, False
         started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
         try:
-            while pos.epoch < t.epochs and pos.step < last_step:
+            while pos.epoch < t.epochs and pos.step < last_step and not stopper.reason:  # [early stop]
                 out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
                 stats = EpochStats()
                 for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
@@ -137,16 +151,15 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 if stats.seen:
                     summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
+                    stopper.after_epoch(pos, summary, model, out)  # [early stop] the same verdict on every rank
                 check_in_sync(model, dist)
                 save_or_raise(out, model, opt, pos, dist)
                 if stop:
                     status = "KILLED"
-                    log.warning("stopped by signal at step %d; %s", pos.step, f"checkpoint written. Resume with "
-                                f"trainer.resume=auto hydra.run.dir={run_dir}" if pos.saved_step == pos.step
-                                else resume_advice(pos, cfg, run_dir))
-                    raise SystemExit(EXIT_SIGNAL)
-            status = "FINISHED"
+                    stopped_by_signal(pos, cfg, run_dir)
+            status, summary = stopper.finish(model, summary)  # [early stop] the best epoch's weights and figures
         finally:
+            samplers.finish()
             out.finish(status, model, summary)
     return objective(summary, cfg)
 
@@ -156,12 +169,21 @@ def objective(summary: dict, cfg: DictConfig) -> float:
     return float(summary.get(config.objective_name(cfg), float("nan")))
 
 
-def nothing_to_train(pos: Position, last_step: int, cfg: DictConfig, dist: Dist) -> float:
-    """A resume of a run whose budget is spent: no new MLflow run; the recorded objective."""
-    if dist.is_root:
+def stopped_by_signal(pos: Position, cfg: DictConfig, run_dir: Path) -> None:
+    """All ranks agreed to stop (SIGTERM/SIGINT): say how to resume, exit 143."""
+    log.warning("stopped by signal at step %d; %s", pos.step, resume_advice(pos, cfg, run_dir))
+    raise SystemExit(EXIT_SIGNAL)
+
+
+def nothing_to_train(pos: Position, last_step: int, cfg: DictConfig, dist: Dist, stopper: EpochStopper) -> float:
+    """A resume of a run whose budget is spent, or that stopped early: no new MLflow run; the recorded objective."""
+    if dist.is_root and stopper.reason:
+        log.warning("nothing to train: the run stopped early at epoch %d (%s)", pos.history[-1]["epoch"],
+                    stopper.reason)
+    elif dist.is_root:
         log.warning("nothing to train: the checkpoint is at step %d of %d; raise trainer.epochs or "
                     "trainer.max_steps to train further", pos.step, last_step)
-    return objective(pos.history[-1] if pos.history else {}, cfg)
+    return objective(stopper.figures(pos.history[-1] if pos.history else {}), cfg)
 
 
 @contextlib.contextmanager
@@ -178,12 +200,11 @@ def owned_by_this_job(run_dir: Path, dist: Dist):
 def build(cfg: DictConfig, dist: Dist):
     """The model, the data, the sampler, the optimizer, the LR schedule and the last step, on every rank."""
     t = cfg.trainer
-    model = dist.agree(lambda: Model.from_config(OmegaConf.to_container(cfg.model.layers, resolve=True),
-                                                 num_classes=cfg.data.num_classes, seed=cfg.seed,
-                                                 dtype=np.dtype(t.dtype), init=cfg.model.init))
     data = load_on_all_ranks(cfg, dist)
-    if model.input_shape != data.train[0].shape[1:]:
-        raise ConfigError(f"model input {model.input_shape} does not match the data's {data.train[0].shape[1:]}")
+    # The data decides the model's input shape, the number of classes and their names (written into cfg, so
+    # checkpoints, MLflow and the served model's spec say so); then every rank builds the same model.
+    dist.agree(lambda: fit_config(cfg, data, announce=dist.is_root))
+    model = dist.agree(lambda: make_model(cfg, data.input_shape, data.num_classes))
     sampler = EpochSampler(len(data.train[0]), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
     check_budget(cfg, data, sampler, dist)
     lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
@@ -213,9 +234,11 @@ def check_budget(cfg: DictConfig, data, sampler: EpochSampler, dist: Dist) -> No
 
 def resume_advice(pos: Position, cfg: DictConfig, run_dir: Path) -> str:
     """What to do next, true to what is on disk: a checkpoint to resume from, or none."""
+    resume_with = f"trainer.resume=auto hydra.run.dir={run_dir}"
+    if pos.saved_step is not None and pos.saved_step == pos.step:
+        return f"checkpoint written (step {pos.step}); resume with {resume_with}"
     if pos.saved_step is not None:
-        return (f"the checkpoint of step {pos.saved_step} is intact; resume with trainer.resume=auto "
-                f"hydra.run.dir={run_dir}")
+        return f"the checkpoint of step {pos.saved_step} is intact; resume with {resume_with}"
     if not cfg.trainer.checkpoint:
         return "no checkpoint was written (trainer.checkpoint=false): a new run starts from step 0"
     return "no checkpoint was written yet: a new run starts from step 0"
@@ -226,16 +249,12 @@ class Batches:
 
     def __init__(self, cfg: DictConfig, data, dist: Dist):
         self.x, self.y = data.train
-        self.background, self.seed, self.rank, self.size = data.background, cfg.seed, dist.rank, dist.size
-        self.max_shift = cfg.data.augment.max_shift if cfg.data.augment.enabled else None
+        # Shifts and flips are drawn for the whole global batch, then sharded: the same at every world size.
+        self.augment = Augment(cfg.data.augment, cfg.seed, data.background, dist.rank, dist.size)
 
     def __call__(self, epoch: int, k: int, global_size: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.x[idx], self.y[idx]
-        if self.max_shift is not None:
-            # Offsets are drawn for the whole global batch, then sharded: the same at every world size.
-            shifts = shift_offsets(self.seed, epoch, k, global_size, self.max_shift)
-            x = random_shift(x, EpochSampler.shard(shifts, self.rank, self.size), self.background)
-        return x, y
+        return (self.augment(x, epoch, k, global_size) if self.augment.active else x), y
 
 
 @contextlib.contextmanager

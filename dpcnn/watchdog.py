@@ -60,7 +60,10 @@ class Watchdog:
         self.advice: Callable[[], str] = lambda: ""
         self.on_timeout: Callable[[], None] = lambda: None
         self.notes: dict[int, int] = {}  # rank -> the seq of the collective it said it waits in
-        self._recv = [(r, np.zeros(1, np.int64)) for r in range(self.size) if r != self.rank]
+        # The notes need MPI calls from this thread; without MPI_THREAD_MULTIPLE (some builds) the
+        # watchdog still ends a stalled job, it just cannot name the missing ranks.
+        self.talk = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self._recv = [(r, np.zeros(1, np.int64)) for r in range(self.size) if r != self.rank and self.talk]
         self._reqs = [self.comm.Irecv([buf, MPI.INT64_T], source=r, tag=TAG) for r, buf in self._recv]
         self._sent: list = []
         threading.Thread(target=self._run, name="dpcnn-watchdog", daemon=True).start()
@@ -112,6 +115,8 @@ class Watchdog:
                 return
 
     def _tell_others(self, seq: int) -> None:
+        if not self.talk:
+            return
         note = np.array([seq], np.int64)
         self._sent = [self.comm.Isend([note, MPI.INT64_T], dest=r, tag=TAG) for r in range(self.size)
                       if r != self.rank] + [note]  # keep the buffer alive until the sends complete
@@ -128,6 +133,8 @@ class Watchdog:
 
     def _stall(self, what: str, step: int, missing: list[int], waited: float) -> str:
         where = f"step {step}" if what == "step" else f"the {what} collective (after step {step})"
+        if not self.talk:
+            return f"some rank has not reached {where} for {waited:.0f} s (no MPI thread support to name it)"
         if not missing:
             return f"every rank has reached {where} but it has not completed for {waited:.0f} s (the network?)"
         names = ", ".join(f"rank {r} (host {self.hosts[r]})" for r in missing)

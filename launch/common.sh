@@ -93,6 +93,20 @@ dpcnn_local_flags() {
     fi
 }
 
+# IFACE=eth0: train over that network interface. Flags for it in IFACE_FLAGS (hydra's control
+# connections: -iface; Open MPI's: --mca ..._if_include), and MPI's data path follows it unless set
+# already: UCX_NET_DEVICES (MPICH's default UCX netmod, Open MPI's UCX pml) and FI_TCP_IFACE (OFI tcp).
+dpcnn_iface_flags() {
+    IFACE_FLAGS=()
+    [[ -n "${IFACE:-}" ]] || return 0
+    export UCX_NET_DEVICES="${UCX_NET_DEVICES:-$IFACE}" FI_TCP_IFACE="${FI_TCP_IFACE:-$IFACE}"
+    if [[ "$MPI_FLAVOUR" == openmpi ]]; then
+        IFACE_FLAGS=(--mca oob_tcp_if_include "$IFACE" --mca btl_tcp_if_include "$IFACE")
+    else
+        IFACE_FLAGS=(-iface "$IFACE")
+    fi
+}
+
 # Cores this process may run on. (GNU nproc would answer $OMP_NUM_THREADS if set,
 # and that is often 1 exactly where this is called.)
 dpcnn_cores() {

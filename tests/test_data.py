@@ -247,7 +247,7 @@ def test_get_spec_overrides_and_new_datasets():
     assert new.files == files and new.mirrors == ("http://example.invalid/",) and new.md5 == {}
     with pytest.raises(DataError) as err:
         get_spec({"name": "x"})
-    assert str(err.value) == ("unknown dataset 'x' (known: mnist, fashion_mnist); "
+    assert str(err.value) == ("unknown dataset 'x' (known: mnist, fashion_mnist, cifar10, npz, image_folder); "
                               "fix data.name or give data.files/data.mirrors for a new dataset")
 
 

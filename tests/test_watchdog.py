@@ -63,22 +63,28 @@ def wait_file(path: Path, proc, timeout=90):
         time.sleep(0.1)
 
 
+def stop_rank_and_wait(proc, run_dir: Path, rank: int, ready: Path) -> tuple[str, float, int]:
+    """Once ``ready`` exists, SIGSTOP ``rank``; returns (stderr, seconds until the job ended, its pid)."""
+    try:
+        wait_file(ready, proc)
+        pid = rank_pid(run_dir, rank)
+        time.sleep(1)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        return err, time.monotonic() - stopped_at, pid
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_stopped_rank_is_named_and_the_job_ends(workdir, ranks):
     needs_data()
     run_dir, stuck = workdir / "run", ranks - 1
     proc = start(ranks, run_dir, "trainer.checkpoint_every=5", fault=f"rank={stuck},step=10,action=stall")
-    try:
-        wait_file(run_dir / "checkpoints" / "step-00000010.npz", proc)
-        pid = rank_pid(run_dir, stuck)
-        os.kill(pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-        ended = time.monotonic() - stopped_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err, ended, pid = stop_rank_and_wait(proc, run_dir, stuck, run_dir / "checkpoints" / "step-00000010.npz")
     assert proc.returncode != 0 and ended < 45, (proc.returncode, ended, err[-3000:])
     assert f"dpcnn: warning: rank {stuck} (host " in err and "has not reached step 10 for 5 s" in err, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("dpcnn: error:")]
@@ -93,18 +99,7 @@ def test_a_rank_stopped_during_setup_ends_the_job(workdir):
     needs_data()
     run_dir = workdir / "run"
     proc = start(2, run_dir, fault="rank=1,phase=setup,action=stall")
-    try:
-        wait_file(run_dir / ".dpcnn.lock", proc)
-        pid = rank_pid(run_dir, 1)
-        time.sleep(1)
-        os.kill(pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-        ended = time.monotonic() - stopped_at
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err, ended, pid = stop_rank_and_wait(proc, run_dir, 1, run_dir / ".dpcnn.lock")
     assert proc.returncode != 0 and ended < 45, (proc.returncode, ended, err[-3000:])
     assert "dpcnn: error: rank 1 (host " in err and "has not reached the set-up collective" in err, err[-3000:]
     time.sleep(1)
@@ -121,7 +116,7 @@ def test_local_sh_restarts_after_a_killed_rank_and_ends_bitwise_equal(workdir):
     common = ["model=tiny", "trainer.epochs=2", "trainer.checkpoint_every=20", "tracking=none",
               "trainer.progress=false"]
     check_ok(run_train(2, *common, f"hydra.run.dir={workdir / 'straight'}", cwd=workdir))
-    env = train_env(WORKDIR=workdir, DPCNN_FAULT="rank=1,step=50,action=kill,attempt=0")
+    env = train_env(WORKDIR=workdir, PYTHON=sys.executable, DPCNN_FAULT="rank=1,step=50,action=kill,attempt=0")
     proc = launch_local("--max-restarts", "2", "2", *common, f"hydra.run.dir={workdir / 'healed'}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("dpcnn launch: the job failed") == 1, proc.stderr[-3000:]
@@ -133,7 +128,7 @@ def test_local_sh_restarts_after_a_killed_rank_and_ends_bitwise_equal(workdir):
 
 
 def test_local_sh_does_not_restart_a_config_error(workdir):
-    env = train_env(WORKDIR=workdir)
+    env = train_env(WORKDIR=workdir, PYTHON=sys.executable)
     proc = launch_local("--max-restarts", "2", "2", "model=tiny", "trainer.epochs=0", "tracking=none", env=env)
     assert proc.returncode == 2
     assert "trainer.epochs must be >= 1" in proc.stderr and "restart" not in proc.stderr

@@ -29,7 +29,7 @@ from .trial import TRIAL, config_digest, digest, objective_name
 
 log = logging.getLogger("dpcnn.sweep")
 
-TERMINAL_OK = ("FINISHED", "FAILED")  # outcomes a resumed sweep does not train again
+TERMINAL_OK = ("FINISHED", "FAILED", "PRUNED")  # outcomes a resumed sweep does not train again
 
 
 # ----------------------------------------------------------------------------- MLflow parent run
@@ -146,6 +146,8 @@ class SweepCallback(Callback):
                 if self.resume and status == "RUNNING":  # its sweep was killed mid-trial: it will not finish
                     self.client.set_terminated(run.info.run_id, "KILLED")
                     status = "KILLED"
+                if run.data.tags.get("dpcnn.sweep.pruned"):  # ended KILLED by the pruner: done, not cut short
+                    status = "PRUNED"
                 self._remember(run.data.tags.get("dpcnn.sweep.trial_key"), run.info.run_id, status,
                                run.data.tags.get("dpcnn.sweep.objective"))
         sampler = OmegaConf.to_container(config.hydra.sweeper.get("sampler") or {}) if self.mode == "optuna" else None
@@ -239,6 +241,8 @@ class SweepCallback(Callback):
             elif status != "FINISHED":  # (a trial that ran has its run, even if the store could not say so now)
                 record.run_id = self._failed_child(cur["num"], cur["key"], cur["overrides"], error, config,
                                                    cur["prev"], cur["attempt"], status)
+            if TRIAL.pruned_at is not None:  # the run is KILLED and tagged dpcnn.sweep.pruned (dpcnn.early_stop)
+                record.status = "PRUNED"
             if record.run_id:
                 tags = {"dpcnn.sweep.objective": repr(value)}
                 if error:
@@ -310,8 +314,10 @@ class SweepCallback(Callback):
                                           self.sweep_dir / "sweep_summary.png"))
             except Exception as e:  # noqa: BLE001 - a plot is not worth failing a sweep
                 log.warning("sweep: summary plot failed (%s: %s)", type(e).__name__, e)
-        n_failed = sum(r.status != "FINISHED" for r in self.records)
+        n_failed = sum(r.status not in ("FINISHED", "PRUNED") for r in self.records)
+        n_pruned = sum(r.status == "PRUNED" for r in self.records)
         tags = {"dpcnn.sweep.trials": str(len(self.records)), "dpcnn.sweep.failed": str(n_failed),
+                "dpcnn.sweep.pruned": str(n_pruned),
                 "dpcnn.sweep.reused": str(sum(r.reused for r in self.records))}
         infra = TRIAL.infra_failed or []
         if infra:  # a "best" of the survivors would be a lie: the sweep is incomplete, and says how to finish it
@@ -322,8 +328,8 @@ class SweepCallback(Callback):
         elif best is not None:
             files += self._write_best(best, tags)
             where = f" (MLflow run {best.run_id})" if best.run_id else ""
-            print(f"dpcnn: sweep done: {len(self.records)} trial(s), {n_failed} failed; best is trial {best.number} "
-                  f"with {self.objective} {best.objective:.4f}{where}. To train it:\n  "
+            print(f"dpcnn: sweep done: {len(self.records)} trial(s), {n_failed} failed, {n_pruned} pruned; "
+                  f"best is trial {best.number} with {self.objective} {best.objective:.4f}{where}. To train it:\n  "
                   f"{command_for(best.overrides, self.world_size)}", flush=True)
         else:
             print(f"dpcnn: sweep done: all {len(self.records)} trial(s) failed", flush=True)

@@ -25,6 +25,8 @@ from .trial import TRIAL, SweepError
 
 log = logging.getLogger("dpcnn.sweep")
 
+PRUNERS = ("none", "median", "hyperband")
+
 
 @dataclass
 class MpiSweeperConf:
@@ -42,6 +44,9 @@ class MpiSweeperConf:
     storage: Optional[str] = None     # optuna: null = in memory on rank 0 (re-runs resume through MLflow)
     study_name: Optional[str] = None
     enqueue: List[Any] = field(default_factory=list)  # optuna: trials to try first, e.g. [{optimizer.lr: 0.05}]
+    #: Stop hopeless trials early (both modes): none | median | hyperband, or an Optuna pruner as
+    #: {_target_: optuna.pruners.MedianPruner, n_startup_trials: 2}. Judged on rank 0 after every epoch.
+    pruner: Any = "none"
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="dpcnn", node=MpiSweeperConf, provider="dpcnn")
@@ -83,12 +88,13 @@ class MpiSweeper(Sweeper):
 
     def __init__(self, mode: str = "grid", params: Optional[dict] = None, direction: str = "maximize",
                  n_trials: int = 20, sampler: Optional[dict] = None, storage: Optional[str] = None,
-                 study_name: Optional[str] = None, enqueue: Optional[list] = None) -> None:
+                 study_name: Optional[str] = None, enqueue: Optional[list] = None, pruner: Any = "none") -> None:
         super().__init__()
         self.mode, self.direction, self.n_trials = str(mode), str(direction), int(n_trials)
         self.params = dict(params or {})
         self.sampler, self.storage, self.study_name = sampler, storage, study_name
         self.enqueue = list(enqueue or [])
+        self.pruner = pruner if isinstance(pruner, (dict, DictConfig)) else str(pruner or "none")
         self.config = self.launcher = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -103,6 +109,10 @@ class MpiSweeper(Sweeper):
                 raise SweepError(f"hydra.sweeper.mode must be grid or optuna, got {self.mode!r}")
             if self.direction not in ("maximize", "minimize"):
                 raise SweepError(f"hydra.sweeper.direction must be maximize or minimize, got {self.direction!r}")
+            if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
+                raise SweepError(f"hydra.sweeper.pruner must be one of {', '.join(PRUNERS)} or an Optuna pruner "
+                                 f"({{_target_: optuna.pruners.MedianPruner, ...}}), got {self.pruner!r}")
+            TRIAL.pruning = self.pruner != "none"  # every rank: the trials report each epoch (dpcnn.early_stop)
             args = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
             if dist.is_root:
                 sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -132,7 +142,38 @@ class MpiSweeper(Sweeper):
         jobs = dist.from_root(expand, Exception, SweepError)
         # A typo (unknown option or key) stops the sweep before any training, on every rank.
         dist.agree(lambda: self.validate_batch_is_legal(jobs), Exception, SweepError)
-        return [self._launch(num, job) for num, job in enumerate(jobs)]
+        study = self._pruning_study(dist) if TRIAL.pruning else None  # rank 0's, for the pruner only
+        results = []
+        for num, job in enumerate(jobs):
+            trial = TRIAL.pruner_trial = study.ask() if study is not None else None
+            TRIAL.pruned_at = None
+            results.append(self._launch(num, job))
+            if trial is not None:
+                self._tell(study, trial, float(results[-1].return_value))
+        return results
+
+    def _make_pruner(self):
+        """The Optuna pruner ``hydra.sweeper.pruner`` names (rank 0)."""
+        import optuna
+
+        if not isinstance(self.pruner, str):
+            return instantiate(self.pruner)
+        return {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+                "none": optuna.pruners.NopPruner}[self.pruner]()
+
+    def _pruning_study(self, dist):
+        """A grid sweep with a pruner: an in-memory Optuna study on rank 0 that only judges the trials."""
+        study = None
+
+        def create():
+            nonlocal study
+            import optuna
+
+            study = optuna.create_study(direction=self.direction, pruner=self._make_pruner())
+            log.info("grid sweep with %s: trials are judged after every epoch", type(study.pruner).__name__)
+
+        dist.from_root(create, Exception, SweepError)
+        return study
 
     def _launch(self, num: int, job: list[str]):
         (ret,) = self.launcher.launch([job], initial_job_idx=num)
@@ -156,7 +197,7 @@ class MpiSweeper(Sweeper):
                                  "'optimizer.lr=tag(log,interval(0.001,0.3))'")
             sampler = instantiate(self.sampler) if self.sampler else None
             study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=sampler,
-                                        direction=self.direction, load_if_exists=True)
+                                        direction=self.direction, load_if_exists=True, pruner=self._make_pruner())
             for params in self.enqueue:
                 study.enqueue_trial(OmegaConf.to_container(params) if isinstance(params, DictConfig) else params,
                                     skip_if_exists=True)
@@ -174,7 +215,8 @@ class MpiSweeper(Sweeper):
 
             def ask():
                 nonlocal pending
-                pending = study.ask(space)
+                pending = TRIAL.pruner_trial = study.ask(space)
+                TRIAL.pruned_at = None
                 return fixed + [f"{k}={v}" for k, v in pending.params.items()]
 
             job = dist.from_root(ask, Exception, SweepError)
@@ -203,7 +245,9 @@ class MpiSweeper(Sweeper):
     def _tell(self, study, trial, value: float) -> None:
         from optuna.trial import TrialState
 
-        if math.isfinite(value):
+        if TRIAL.pruned_at is not None:  # stopped by the pruner (dpcnn.early_stop): its last report stands
+            study.tell(trial, state=TrialState.PRUNED)
+        elif math.isfinite(value):
             study.tell(trial, value)
         else:
             study.tell(trial, state=TrialState.FAIL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -71,6 +72,12 @@ class TrialState:
     - ``recorder``: the `SweepCallback` of the sweep running in this process
       (rank 0, between multirun start and end; None elsewhere); `MpiSweeper`
       hands it the trials that did not even compose.
+    - ``pruning``: the sweep has a pruner (`MpiSweeper`, every rank, the same
+      value); ``pruner_trial``: the Optuna trial of the running job, which the
+      pruner judges (`MpiSweeper`, rank 0; None elsewhere).
+    - ``pruned_at``: the epoch at which the pruner stopped this trial (`report_epoch`,
+      every rank; reset by `begin`); read by `MpiSweeper` (tells Optuna PRUNED)
+      and `SweepCallback.on_job_end` (records it PRUNED).
     """
 
     num: int | None = None
@@ -78,6 +85,9 @@ class TrialState:
     skip: tuple[float, str] | None = None
     error: str | None = None
     recorder: SweepCallback | None = None
+    pruning: bool = False
+    pruner_trial: object | None = None
+    pruned_at: int | None = None
     infra: bool = False     # this trial's failure was the infrastructure's (the tracking store), not its config
     infra_failed: list[int] | None = None  # such trials of this sweep, on every rank (dpcnn.train exits 1)
 
@@ -97,7 +107,7 @@ class TrialState:
         if dist.is_root:
             skip, self.skip = self.skip, None
             compared = self.recorder.objective if self.recorder is not None else None
-        self.num, self.digest, self.error, self.infra = num, mine, None, False
+        self.num, self.digest, self.error, self.infra, self.pruned_at = num, mine, None, False, None
         skip, compared = dist.bcast((skip, compared))
         if compared is not None and objective_name(cfg) != compared:
             raise SweepError(f"trial {num} would return {objective_name(cfg)} but the sweep compares {compared}: "
@@ -108,6 +118,29 @@ class TrialState:
         log.info("trial %d: this config already ran in this sweep (MLflow run %s, objective %r); not trained again",
                  num, run_id, value)
         return float(value)
+
+    def report_epoch(self, value: float, epoch: int, dist, last: bool = False) -> bool:
+        """Report a trial's per-epoch objective to the sweep's pruner; True if the trial is pruned now.
+
+        Collective when the sweep has a pruner (every rank calls it after the same
+        epoch, with the same allreduced value): rank 0's Optuna trial records the
+        value and decides, and the verdict is broadcast, so every rank learns it at
+        this epoch boundary. ``last``: the trial's final epoch (reported, never pruned).
+        """
+        if not self.pruning:
+            return False
+
+        def decide() -> bool:
+            trial = self.pruner_trial
+            if trial is None or not math.isfinite(value):
+                return False
+            trial.report(float(value), int(epoch))
+            return not last and bool(trial.should_prune())
+
+        pruned = dist.from_root(decide, Exception, SweepError)
+        if pruned:
+            self.pruned_at = int(epoch)
+        return pruned
 
     def note_failure(self, error: BaseException) -> None:
         """The trial failed with a reported error (it returns NaN); remembered for its FAILED record."""
