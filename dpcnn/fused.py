@@ -9,6 +9,8 @@ and run the convolution through `dpcnn.conv_kernels`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import conv_kernels as ck
@@ -65,36 +67,56 @@ class ConvReLU:
         return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
 
     def forward(self, x, train=True):
-        conv, k = self.conv, self.k
-        kk, c_out, dtype = k * k, conv.out_channels, x.dtype
-        m, h, w, _ = x.shape
-        oh, ow, _ = conv.output_shape(x.shape[1:])
+        f = self._start(x, *self._weights(train))
+        for a, b in f.blocks:  # cache blocking, see the class docstring
+            yb = f.y[a:b].reshape(-1, f.c_out)
+            zb = self._conv_block(f, a, b, out=yb if self.k == 1 else None)  # no pool: the GEMM writes y
+            self._pool_relu(zb.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
+        return self._finish(f)
+
+    def _weights(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The filters ``(f, f, c_in, c_out)`` and bias ``(c_out,)`` the forward pass convolves with."""
+        return self.conv.W, self.conv.b
+
+    def _start(self, x: np.ndarray, W: np.ndarray, bias: np.ndarray) -> SimpleNamespace:
+        """What a forward pass over x ``(m, h, w, c_in)`` needs: the geometry, the filter matrix, the
+        padded input, the output ``(m, qh*qw, c_out)``, the masks and the blocks of examples."""
+        conv, k, m, (h, w) = self.conv, self.k, x.shape[0], x.shape[1:3]
+        oh, ow, c_out = conv.output_shape(x.shape[1:])
         fold = TUNING.fold_bias
-        Wm = ck.filter_matrix(conv.W, conv.b, fold)
+        Wm = ck.filter_matrix(W, bias, fold)
         # A private copy even without padding: backward recomputes patches from it.
         xp = ck.pad(x, conv.pads(h, w), conv.workspace, copy=True)
-        qh, qw = oh // k, ow // k
         nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
-        shape = (m, qh * qw, c_out)
-        y = self.workspace.get("y", shape, dtype) if self.reuse_output else np.empty(shape, dtype)
+        shape = (m, (oh // k) * (ow // k), c_out)
+        y = self.workspace.get("y", shape, x.dtype) if self.reuse_output else np.empty(shape, x.dtype)
         # (Kept in eval mode too: a backward after forward(train=False) works, as for the layers.)
         masks = self.workspace.get("masks", (m * oh * ow * c_out,), np.bool_)
-        z = self.workspace.get("z", (nb * oh * ow, c_out), dtype) if k > 1 else None
         # Keep every block's patches for backward when they are small, else recompute them.
         store = m * oh * ow * Wm.shape[0] * x.itemsize <= TUNING.store_cols_bytes
-        cap = m * oh * ow if store else nb * oh * ow
-        for a in range(0, m, nb):  # cache blocking, see the class docstring
-            b = min(a + nb, m)
-            A = self._patches(xp[a:b], oh, ow, fold, cap, row0=a * oh * ow if store else 0)
-            yb = y[a:b].reshape(-1, c_out)
-            zb = yb if k == 1 else z[:A.shape[0]]  # no pool: the GEMM writes the output itself
-            ck.gemm(A, Wm, out=zb)
-            if not fold:
-                zb += conv.b
-            mb = masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out)
-            self._pool_relu(zb.reshape(kk, -1, c_out), yb, mb)
-        self._cache = (x.shape, xp, fold, (oh, ow), nb, masks, store)
-        return y.reshape(m, qh, qw, c_out)
+        rows = oh * ow
+        return SimpleNamespace(
+            x_shape=x.shape, xp=xp, fold=fold, Wm=Wm, bias=bias, oh=oh, ow=ow, c_out=c_out, kk=k * k, nb=nb,
+            y=y, masks=masks, store=store, rows=rows, blocks=[(a, min(a + nb, m)) for a in range(0, m, nb)],
+            block_masks=lambda a, b: masks[a * rows * c_out:b * rows * c_out].reshape(k * k, -1, c_out))
+
+    def _conv_block(self, f: SimpleNamespace, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Conv output ``((b-a)*oh*ow, c_out)`` of examples a:b, rows in pool-slot order, into ``out``
+        (default: this step's block buffer)."""
+        cap = f.x_shape[0] * f.rows if f.store else f.nb * f.rows
+        A = self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap, row0=a * f.rows if f.store else 0)
+        if out is None:
+            out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:A.shape[0]]
+        ck.gemm(A, f.Wm, out=out)
+        if not f.fold:
+            out += f.bias
+        return out
+
+    def _finish(self, f: SimpleNamespace) -> np.ndarray:
+        """Keep what backward needs; the output as ``(m, qh, qw, c_out)``."""
+        self._cache = f
+        k = self.k
+        return f.y.reshape(f.x_shape[0], f.oh // k, f.ow // k, f.c_out)
 
     def _patches(self, xp: np.ndarray, oh: int, ow: int, fold: bool, cap: int, row0: int = 0) -> np.ndarray:
         """The patch matrix ``(n*oh*ow, K [+ 1])`` of the padded block xp
@@ -137,47 +159,58 @@ class ConvReLU:
         np.maximum(y, 0, out=y)
 
     def backward(self, dy):
-        x_shape, xp, fold, (oh, ow), nb, masks, store = self._cache
-        conv, k = self.conv, self.k
-        kk, c_out = k * k, conv.out_channels
-        m, h, w, c = x_shape
-        dtype = xp.dtype
-        dy = dy.reshape(m, -1, c_out)
-        dz = self.workspace.get("dz", (nb * oh * ow, c_out), dtype)
-        dx = None
+        f = self._cache
+        g = self._start_backward(f)
+        dz = self.workspace.get("dz", (f.nb * f.rows, f.c_out), f.xp.dtype)
+        for a, b in f.blocks:  # the forward's blocks
+            dzb = self._masked_grad(f, dy, a, b, out=dz[:(b - a) * f.rows])
+            self._block_backward(f, g, a, b, dzb)
+        return g.dx
+
+    def _masked_grad(self, f: SimpleNamespace, dy: np.ndarray, a: int, b: int, out: np.ndarray) -> np.ndarray:
+        """d loss / d (conv output) of examples a:b, rows in pool-slot order: dy through the pool and
+        ReLU masks (times 1/(k*k) for average pooling), into ``out`` ``((b-a)*oh*ow, c_out)``."""
+        g = dy.reshape(f.x_shape[0], -1, f.c_out)[a:b].reshape(-1, f.c_out)
+        if self.avg:
+            g = g * (1.0 / f.kk)
+        # g broadcasts over the slot axis, the outermost: contiguous passes.
+        np.multiply(g, f.block_masks(a, b), out=out.reshape(f.kk, -1, f.c_out))
+        return out
+
+    def _start_backward(self, f: SimpleNamespace) -> SimpleNamespace:
+        """The input gradient's buffers: dx ``(m, h, w, c_in)`` (None for a first layer) and the padded
+        dz of the full correlation, or the NHWC dz that col2im scatters."""
+        conv = self.conv
+        g = SimpleNamespace(dx=None)
         if conv.needs_input_grad:
-            pads = conv.pads(h, w)
-            full = ck.full_corr_ok(conv.kernel_size, conv.stride, pads, h, w, oh, ow)
+            m, h, w, _ = f.x_shape
+            g.pads = conv.pads(h, w)
+            g.full = ck.full_corr_ok(conv.kernel_size, conv.stride, g.pads, h, w, f.oh, f.ow)
             # Reused: within a Model dx only ever goes to the step below's backward.
-            dx = self.workspace.get("dx", x_shape, dtype)
-            if full:
-                dyp, inner = ck.dy_padded(conv.W, nb, oh, ow, pads, conv.workspace)
+            g.dx = self.workspace.get("dx", f.x_shape, f.xp.dtype)
+            if g.full:
+                g.dyp, g.inner = ck.dy_padded(conv.W, f.nb, f.oh, f.ow, g.pads, conv.workspace)
             else:
-                d = self.workspace.get("dz_nhwc", (nb, oh, ow, c_out), dtype)
-        for a in range(0, m, nb):  # the forward's blocks
-            b = min(a + nb, m)
-            if store:
-                A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * oh * ow, (b - a) * oh * ow)
-            else:
-                A = self._patches(xp[a:b], oh, ow, fold, cap=nb * oh * ow)  # recomputed
-            dzb = dz[:A.shape[0]]
-            g = dy[a:b].reshape(-1, c_out)
-            if self.avg:
-                g = g * (1.0 / kk)
-            # g broadcasts over the slot axis, the outermost: contiguous passes.
-            np.multiply(g, masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out),
-                        out=dzb.reshape(kk, -1, c_out))
-            ck.param_grads(A, dzb, conv.dW, conv.db, fold, conv.workspace, accumulate=a > 0)
-            if dx is None:
-                continue
-            n = b - a
-            if full:
-                self._to_nhwc(dzb, inner[:n], n, oh, ow)
-                ck.full_corr(dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=dx[a:b])
-            else:
-                self._to_nhwc(dzb, d[:n], n, oh, ow)
-                dx[a:b] = ck.col2im(d[:n].reshape(-1, c_out), conv.W, (n, h, w, c), conv.stride, pads, oh, ow)
-        return dx
+                g.d = self.workspace.get("dz_nhwc", (f.nb, f.oh, f.ow, f.c_out), f.xp.dtype)
+        return g
+
+    def _block_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
+        """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz."""
+        conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
+        if f.store:
+            A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * f.rows, n * f.rows)
+        else:
+            A = self._patches(f.xp[a:b], oh, ow, f.fold, cap=f.nb * f.rows)  # recomputed
+        ck.param_grads(A, dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
+        if g.dx is None:
+            return
+        _, h, w, c = f.x_shape
+        if g.full:
+            self._to_nhwc(dzb, g.inner[:n], n, oh, ow)
+            ck.full_corr(g.dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=g.dx[a:b])
+        else:
+            self._to_nhwc(dzb, g.d[:n], n, oh, ow)
+            g.dx[a:b] = ck.col2im(g.d[:n].reshape(-1, f.c_out), conv.W, (n, h, w, c), conv.stride, g.pads, oh, ow)
 
     def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
         """Write dz (rows in pool-slot order when k > 1) into the NHWC array ``out``."""
