@@ -31,10 +31,14 @@ class ModelConf:
 @dataclass
 class OptimizerConf:
     name: str = "sgd"
+    algorithm: str = "sgd"              # sgd | adam (dpcnn.optim.make_optimizer)
     lr: float = 0.1
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: float = 1.0e-8                 # adam
+    decoupled: bool = False             # adam: true is AdamW (decoupled weight decay)
     schedule: str = "constant"          # constant | step | cosine
     warmup_steps: int = 0
     step_epochs: int = 10
@@ -121,6 +125,7 @@ ConfigStore.instance().store(name="dpcnn_schema", node=Config, provider="dpcnn")
 _SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataConf, TrainerConf, TrackingConf)}
 
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
+            "optimizer.algorithm": ("sgd", "adam"),
             "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
 # key: (lowest allowed, whether the bound is inclusive, may it be null, example)
 _RANGES = {
@@ -133,7 +138,8 @@ _RANGES = {
     "optimizer.lr": (0, False, False, 0.05), "optimizer.momentum": (0, True, False, 0.9),
     "optimizer.weight_decay": (0, True, False, 5e-4), "optimizer.warmup_steps": (0, True, False, 100),
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),
-    "optimizer.min_lr": (0, True, False, 0.0), "data.train_subset": (1, True, True, 1000),
+    "optimizer.min_lr": (0, True, False, 0.0), "optimizer.eps": (0, False, False, 1e-8),
+    "data.train_subset": (1, True, True, 1000),
     "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
     "tracking.activation_images": (0, True, False, 4), "tracking.system_metrics_interval": (0, False, False, 10),
     "tracking.retry_interval": (0, False, False, 5), "tracking.flush_timeout": (0, True, False, 60),
@@ -217,7 +223,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             bound = f"{'>=' if inclusive else '>'} {low}" + (" and < 1" if key in _BELOW_ONE else "")
             raise ConfigError(f"{key} must be {bound}{' or null' if nullable else ''}, got {value}; "
                               f"e.g. {key}={example}")
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas}; "
+                          "e.g. optimizer.betas=[0.9,0.999]")
     t = cfg.trainer
     if t.batch_size < world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
                           f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+
