@@ -231,4 +231,24 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if t.batch_size < world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
                           f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+    _batchnorm_groups(cfg, world_size)
 
+
+def _batchnorm_groups(cfg: DictConfig, world_size: int) -> None:
+    """Batchnorm takes its statistics over the micro-batches of ``trainer.micro_batch``, cut at fixed positions
+    of the global batch; they are the same at every world size only if no rank splits one (README)."""
+    if not any(isinstance(layer, DictConfig) and layer.get("type") == "batchnorm" for layer in cfg.model.layers):
+        return
+    t, micro = cfg.trainer, cfg.trainer.micro_batch
+    per_rank = t.batch_size // world_size if t.batch_size % world_size == 0 else None
+    fits = [d for d in range(1, 33) if per_rank and per_rank % d == 0]
+    hint = f"trainer.micro_batch={fits[-1]}" if fits else f"trainer.batch_size={world_size * 32}"
+    if micro is None:
+        raise ConfigError("a model with batchnorm needs trainer.micro_batch: batch statistics are taken over "
+                          "fixed micro-batches of the global batch, so they do not depend on the world size; "
+                          f"e.g. {hint}")
+    if t.batch_size % (world_size * micro):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} over {world_size} ranks is not whole micro-batches of "
+                          f"trainer.micro_batch={micro}: batchnorm statistics of a micro-batch split between ranks "
+                          f"would depend on the world size; use a global batch that is a multiple of ranks x "
+                          f"micro_batch, or e.g. {hint}")

@@ -16,8 +16,9 @@ import numpy as np
 from . import conv_kernels as ck
 from .conv_kernels import TUNING, Workspace
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+from .norm import BatchNorm, Dropout, affine_, bn_backward_, normalize_
 
-__all__ = ["ConvReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
+__all__ = ["ConvReLU", "ConvBNReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
 
 
 class ConvReLU:
@@ -227,6 +228,71 @@ class ConvReLU:
         return "+".join(repr(layer) for layer in self.layers)
 
 
+class ConvBNReLU(ConvReLU):
+    """Model-internal fusion of ``Conv2D -> BatchNorm -> ReLU [-> pool]``, as `ConvReLU` does without the norm.
+
+    Evaluation: batch norm with its running statistics is the per-channel map
+    z * s + t, folded into the filters and bias (W * s, b * s + t) before the
+    plain `ConvReLU` pass, so at inference it costs nothing.
+
+    Training: the batch statistics need the whole conv output before any of it
+    can be normalised, so the blocks run twice. Pass 1: im2col + GEMM of every
+    block into one ``(m*oh*ow, c_out)`` array; normalise it in place (x_hat,
+    kept for backward; `dpcnn.norm.normalize_`). Pass 2, block by block:
+    gamma * x_hat + beta, then pool and ReLU exactly as `ConvReLU`. Backward
+    mirrors it: the masked gradient of every block, the batch-norm backward
+    over all rows (`dpcnn.norm.bn_backward_`), then the conv's gradients
+    block by block. Memory: three ``(m*oh*ow, c_out)`` arrays.
+    """
+
+    def __init__(self, conv: Conv2D, bn: BatchNorm, relu: ReLU, pool: MaxPool2D | AvgPool2D | None = None):
+        super().__init__(conv, relu, pool)
+        self.bn = bn
+        self.layers = (conv, bn, *self.layers[1:])
+        self._xhat = None
+
+    def _weights(self, train):
+        if train:
+            return self.conv.W, self.conv.b
+        s, t = self.bn.scale_shift()
+        return self.conv.W * s, self.conv.b * s + t
+
+    def forward(self, x, train=True):
+        self._xhat = None
+        if not train:
+            return super().forward(x, train)
+        bn, f = self.bn, self._start(x, *self._weights(train))
+        n = x.shape[0] * f.rows
+        xhat = self.workspace.get("xhat", (n, f.c_out), x.dtype)
+        tmp = self.workspace.get("tmp", (n, f.c_out), x.dtype)
+        for a, b in f.blocks:
+            self._conv_block(f, a, b, out=xhat[a * f.rows:b * f.rows])
+        mean, var = normalize_(xhat, bn.eps, tmp)
+        bn.record(mean, var, n, x.shape[0])
+        for a, b in f.blocks:
+            yb = f.y[a:b].reshape(-1, f.c_out)
+            u = yb if self.k == 1 else tmp[:(b - a) * f.rows]
+            affine_(xhat[a * f.rows:b * f.rows], bn.gamma, bn.beta, out=u)
+            self._pool_relu(u.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
+        self._xhat, self._var = xhat, var
+        return self._finish(f)
+
+    def backward(self, dy):
+        if self._xhat is None:
+            raise RuntimeError("the fused conv + batchnorm step has no batch statistics to differentiate: "
+                               "backward needs a forward with train=True")
+        f, bn, rows = self._cache, self.bn, self._cache.rows
+        g = self._start_backward(f)
+        d = self.workspace.get("d", self._xhat.shape, self._xhat.dtype)
+        for a, b in f.blocks:
+            self._masked_grad(f, dy, a, b, out=d[a * rows:b * rows])
+        bn.dgamma[...], bn.dbeta[...] = bn_backward_(d, self._xhat, bn.gamma, self._var, bn.eps,
+                                                     self.workspace["tmp"])
+        for a, b in f.blocks:
+            self._block_backward(f, g, a, b, d[a * rows:b * rows])
+        return g.dx
+
+
 class DenseReLU:
     """Model-internal fusion of ``Dense -> ReLU``: the ReLU runs in place on the
     Dense output and its mask multiplies dy on the way back."""
@@ -259,7 +325,7 @@ FUSED_POOLS: tuple = (AvgPool2D, MaxPool2D)
 
 
 def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
-    """The layers with fusable runs replaced by fused steps.
+    """The layers with fusable runs replaced by fused steps: conv [batchnorm] relu [pool], dense relu.
 
     ``shapes[i]`` is the input shape of ``layers[i]``. Exact types only: a
     subclass may change what a layer computes. Every step but the last may hand
@@ -267,20 +333,21 @@ def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
     belong to the caller).
     """
     plan, i, n = [], 0, len(layers)
+    at = lambda j: layers[j] if j < n else None  # noqa: E731
     while i < n:
-        layer, nxt = layers[i], layers[i + 1] if i + 1 < n else None
-        after = layers[i + 2] if i + 2 < n else None
-        if type(layer) is Conv2D and type(nxt) is ReLU:
+        layer = layers[i]
+        bn = at(i + 1) if type(at(i + 1)) is BatchNorm and type(layer) is Conv2D else None
+        j = i + 1 + (bn is not None)  # where a ReLU would be
+        if type(layer) is Conv2D and type(at(j)) is ReLU:
             oh, ow, _ = shapes[i + 1]
-            if (type(after) in FUSED_POOLS and after.kernel_size == after.stride > 1
-                    and oh % after.kernel_size == 0 and ow % after.kernel_size == 0):
-                plan.append(ConvReLU(layer, nxt, after))
-                i += 3
-            else:
-                plan.append(ConvReLU(layer, nxt))
-                i += 2
-        elif type(layer) is Dense and type(nxt) is ReLU:
-            plan.append(DenseReLU(layer, nxt))
+            pool = at(j + 1)
+            if not (type(pool) in FUSED_POOLS and pool.kernel_size == pool.stride > 1
+                    and oh % pool.kernel_size == 0 and ow % pool.kernel_size == 0):
+                pool = None
+            plan.append(ConvBNReLU(layer, bn, at(j), pool) if bn else ConvReLU(layer, at(j), pool))
+            i = j + 1 + (pool is not None)
+        elif type(layer) is Dense and type(at(i + 1)) is ReLU:
+            plan.append(DenseReLU(layer, at(i + 1)))
             i += 2
         else:
             plan.append(layer)
@@ -288,6 +355,6 @@ def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
     for step in reversed(plan):  # the step whose output becomes the logits (Flatten only reshapes)
         if hasattr(step, "reuse_output"):
             step.reuse_output = False
-        if type(step) is not Flatten:
+        if type(step) not in (Flatten, Dropout):  # (Dropout at evaluation passes its input on)
             break
     return plan
