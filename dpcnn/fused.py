@@ -16,9 +16,9 @@ import numpy as np
 from . import conv_kernels as ck
 from .conv_kernels import TUNING, Workspace
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
-from .norm import BatchNorm, Dropout, affine_, bn_backward_, normalize_
+from .norm import BatchNorm, Dropout
 
-__all__ = ["ConvReLU", "ConvBNReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
+__all__ = ["ConvReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
 
 
 class ConvReLU:
@@ -101,11 +101,21 @@ class ConvReLU:
             y=y, masks=masks, store=store, rows=rows, blocks=[(a, min(a + nb, m)) for a in range(0, m, nb)],
             block_masks=lambda a, b: masks[a * rows * c_out:b * rows * c_out].reshape(k * k, -1, c_out))
 
-    def _conv_block(self, f: SimpleNamespace, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+    def _cols(self, f: SimpleNamespace, a: int, b: int, fresh: bool = False) -> np.ndarray:
+        """The patch matrix of examples a:b: made now (``fresh``, and kept if ``f.store``), else the
+        kept one or made again."""
+        if fresh:
+            cap = f.x_shape[0] * f.rows if f.store else f.nb * f.rows
+            return self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap, row0=a * f.rows if f.store else 0)
+        if f.store:
+            return ck.stored_cols(self.conv.workspace, self.conv.transposed_cols, a * f.rows, (b - a) * f.rows)
+        return self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap=f.nb * f.rows)  # recomputed
+
+    def _conv_block(self, f: SimpleNamespace, a: int, b: int, out: np.ndarray | None = None,
+                    fresh: bool = True) -> np.ndarray:
         """Conv output ``((b-a)*oh*ow, c_out)`` of examples a:b, rows in pool-slot order, into ``out``
-        (default: this step's block buffer)."""
-        cap = f.x_shape[0] * f.rows if f.store else f.nb * f.rows
-        A = self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap, row0=a * f.rows if f.store else 0)
+        (default: this step's block buffer); ``fresh``: see `_cols`."""
+        A = self._cols(f, a, b, fresh)
         if out is None:
             out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:A.shape[0]]
         ck.gemm(A, f.Wm, out=out)
@@ -127,10 +137,12 @@ class ConvReLU:
         return ck.im2col(xp, conv.kernel_size, conv.stride, oh, ow, conv.workspace, self.k, fold,
                          conv.transposed_cols, cap, row0)
 
-    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray) -> None:
+    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray, after_max=None) -> None:
         """One block: ``zs`` (k*k, rows, c_out) conv output by pool slot -> ``y`` (rows, c_out);
         ``masks`` (shaped like zs) gets which z pass their gradient on (for average
-        pooling, times 1/(k*k), which backward applies)."""
+        pooling, times 1/(k*k), which backward applies). Max pooling only:
+        ``after_max(y)`` maps the window maxima in place before the ReLU (an
+        increasing per-channel map, which commutes with the max)."""
         kk = zs.shape[0]
         if kk == 1:  # ReLU only; zs[0] is y
             np.greater(y, 0, out=masks[0])
@@ -150,9 +162,11 @@ class ConvReLU:
         # Slot s takes the window's gradient if z_s equals the max, no earlier
         # slot took it, and the max is > 0: "taken" starts as (max <= 0).
         # For bools, a > b is a & ~b.
+        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
+        if after_max is not None:
+            after_max(y)
         taken = self.workspace.get("taken", y.shape, np.bool_)
         np.less_equal(y, 0, out=taken)
-        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
         for s in range(kk):
             np.greater(masks[s], taken, out=masks[s])
             if s < kk - 1:
@@ -198,11 +212,7 @@ class ConvReLU:
     def _block_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
         """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz."""
         conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
-        if f.store:
-            A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * f.rows, n * f.rows)
-        else:
-            A = self._patches(f.xp[a:b], oh, ow, f.fold, cap=f.nb * f.rows)  # recomputed
-        ck.param_grads(A, dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
+        ck.param_grads(self._cols(f, a, b), dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
         if g.dx is None:
             return
         _, h, w, c = f.x_shape
@@ -226,71 +236,6 @@ class ConvReLU:
 
     def __repr__(self):
         return "+".join(repr(layer) for layer in self.layers)
-
-
-class ConvBNReLU(ConvReLU):
-    """Model-internal fusion of ``Conv2D -> BatchNorm -> ReLU [-> pool]``, as `ConvReLU` does without the norm.
-
-    Evaluation: batch norm with its running statistics is the per-channel map
-    z * s + t, folded into the filters and bias (W * s, b * s + t) before the
-    plain `ConvReLU` pass, so at inference it costs nothing.
-
-    Training: the batch statistics need the whole conv output before any of it
-    can be normalised, so the blocks run twice. Pass 1: im2col + GEMM of every
-    block into one ``(m*oh*ow, c_out)`` array; normalise it in place (x_hat,
-    kept for backward; `dpcnn.norm.normalize_`). Pass 2, block by block:
-    gamma * x_hat + beta, then pool and ReLU exactly as `ConvReLU`. Backward
-    mirrors it: the masked gradient of every block, the batch-norm backward
-    over all rows (`dpcnn.norm.bn_backward_`), then the conv's gradients
-    block by block. Memory: three ``(m*oh*ow, c_out)`` arrays.
-    """
-
-    def __init__(self, conv: Conv2D, bn: BatchNorm, relu: ReLU, pool: MaxPool2D | AvgPool2D | None = None):
-        super().__init__(conv, relu, pool)
-        self.bn = bn
-        self.layers = (conv, bn, *self.layers[1:])
-        self._xhat = None
-
-    def _weights(self, train):
-        if train:
-            return self.conv.W, self.conv.b
-        s, t = self.bn.scale_shift()
-        return self.conv.W * s, self.conv.b * s + t
-
-    def forward(self, x, train=True):
-        self._xhat = None
-        if not train:
-            return super().forward(x, train)
-        bn, f = self.bn, self._start(x, *self._weights(train))
-        n = x.shape[0] * f.rows
-        xhat = self.workspace.get("xhat", (n, f.c_out), x.dtype)
-        tmp = self.workspace.get("tmp", (n, f.c_out), x.dtype)
-        for a, b in f.blocks:
-            self._conv_block(f, a, b, out=xhat[a * f.rows:b * f.rows])
-        mean, var = normalize_(xhat, bn.eps, tmp)
-        bn.record(mean, var, n, x.shape[0])
-        for a, b in f.blocks:
-            yb = f.y[a:b].reshape(-1, f.c_out)
-            u = yb if self.k == 1 else tmp[:(b - a) * f.rows]
-            affine_(xhat[a * f.rows:b * f.rows], bn.gamma, bn.beta, out=u)
-            self._pool_relu(u.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
-        self._xhat, self._var = xhat, var
-        return self._finish(f)
-
-    def backward(self, dy):
-        if self._xhat is None:
-            raise RuntimeError("the fused conv + batchnorm step has no batch statistics to differentiate: "
-                               "backward needs a forward with train=True")
-        f, bn, rows = self._cache, self.bn, self._cache.rows
-        g = self._start_backward(f)
-        d = self.workspace.get("d", self._xhat.shape, self._xhat.dtype)
-        for a, b in f.blocks:
-            self._masked_grad(f, dy, a, b, out=d[a * rows:b * rows])
-        bn.dgamma[...], bn.dbeta[...] = bn_backward_(d, self._xhat, bn.gamma, self._var, bn.eps,
-                                                     self.workspace["tmp"])
-        for a, b in f.blocks:
-            self._block_backward(f, g, a, b, d[a * rows:b * rows])
-        return g.dx
 
 
 class DenseReLU:
@@ -332,6 +277,8 @@ def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
     the next one a reused buffer; the last returns a fresh array (the logits
     belong to the caller).
     """
+    from .fused_bn import ConvBNReLU  # (it builds on ConvReLU, so it lives in a module that imports this one)
+
     plan, i, n = [], 0, len(layers)
     at = lambda j: layers[j] if j < n else None  # noqa: E731
     while i < n:

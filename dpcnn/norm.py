@@ -26,7 +26,7 @@ import numpy as np
 from .conv_kernels import Workspace
 from .layers import Layer
 
-__all__ = ["Dropout", "BatchNorm", "dropout_scale", "normalize_", "bn_backward_", "affine_"]
+__all__ = ["Dropout", "BatchNorm", "BatchPass", "Cols", "dropout_scale", "affine_", "channelwise"]
 
 
 def dropout_scale(seed: int, step: int, key: int, start: int, shape: tuple, rate: float, dtype) -> np.ndarray:
@@ -82,15 +82,30 @@ class Dropout(Layer):
         return f"Dropout({self.rate:g})"
 
 
-def _wide(a: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """a ``(n, c)`` and a per-column v ``(c,)`` as a ``(n/r, r*c)`` view and v tiled r times.
+class Cols:
+    """A per-column vector v ``(c,)`` for `channelwise`, with its tiled copies made once per width.
 
-    The same elementwise operation, but NumPy's inner loop runs over ~512
-    values instead of c (16 to 64 here), several times faster.
+    NumPy runs ``a * v`` over a ``(n, c)`` array with an inner loop of c values
+    (16 to 64 here), several times slower than an elementwise product. Seen as
+    ``(n/r, r*c)`` with v tiled r times, the inner loop is ~512 values long.
     """
-    n, c = a.shape
-    r = math.gcd(n, max(1, 512 // c))
-    return a.reshape(n // r, r * c), np.tile(v, r)
+
+    def __init__(self, v: np.ndarray):
+        self.v, self._tiles = v, {}
+
+    def wide(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """a ``(n, c)`` as ``(n/r, r*c)`` and v tiled r times."""
+        n, c = a.shape
+        r = math.gcd(n, max(1, 512 // c))
+        if r not in self._tiles:
+            self._tiles[r] = np.tile(self.v, r)
+        return a.reshape(n // r, r * c), self._tiles[r]
+
+
+def channelwise(op, a: np.ndarray, v: Cols | np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``op(a, v, out=out)`` with v ``(c,)`` broadcast over the rows of a ``(n, c)``; out may be a."""
+    wa, wv = (v if isinstance(v, Cols) else Cols(v)).wide(a)
+    return op(wa, wv, out=out.reshape(wa.shape)).reshape(a.shape)
 
 
 def _col_sums(a: np.ndarray) -> np.ndarray:
@@ -99,48 +114,66 @@ def _col_sums(a: np.ndarray) -> np.ndarray:
     return np.ones(a.shape[0], a.dtype) @ a
 
 
-def _channelwise(op, a: np.ndarray, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``op(a, v)`` with v ``(c,)`` broadcast over the rows of a ``(n, c)``, into ``out`` (may be a)."""
-    wa, wv = _wide(a, v)
-    res = op(wa, wv, out=None if out is None else out.reshape(wa.shape))
-    return res.reshape(a.shape)
-
-
-def normalize_(z: np.ndarray, eps: float, tmp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """z ``(n, c)`` -> x_hat = (z - mean) / sqrt(var + eps), IN PLACE, per column.
-
-    Returns (mean, biased var), each ``(c,)``. ``tmp`` (like z) is scratch space.
-    """
-    n = z.dtype.type(max(z.shape[0], 1))
-    mean = _col_sums(z) / n
-    _channelwise(np.subtract, z, mean, out=z)
-    var = _col_sums(np.multiply(z, z, out=tmp)) / n
-    _channelwise(np.multiply, z, 1 / np.sqrt(var + z.dtype.type(eps)), out=z)
-    return mean, var
-
-
-def bn_backward_(d: np.ndarray, xhat: np.ndarray, gamma: np.ndarray, var: np.ndarray, eps: float,
-                 tmp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """d ``(n, c)`` = dL/dy -> dL/dz IN PLACE, for y = gamma * x_hat + beta with batch statistics.
-
-    dz = gamma / sqrt(var + eps) * (d - mean(d) - x_hat * mean(d * x_hat)), the
-    usual batch-norm backward. Returns (dgamma, dbeta), each ``(c,)``. ``tmp``
-    (like d) is scratch space.
-    """
-    n = d.dtype.type(d.shape[0])
-    dbeta = _col_sums(d)
-    dgamma = _col_sums(np.multiply(d, xhat, out=tmp))
-    k = gamma / np.sqrt(var + d.dtype.type(eps))
-    _channelwise(np.multiply, d, k, out=d)
-    _channelwise(np.subtract, d, k * dbeta / n, out=d)
-    d -= _channelwise(np.multiply, xhat, k * dgamma / n, out=tmp)
-    return dgamma, dbeta
-
-
-def affine_(x: np.ndarray, s: np.ndarray, t: np.ndarray, out: np.ndarray) -> np.ndarray:
+def affine_(x: np.ndarray, s: Cols | np.ndarray, t: Cols | np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = x * s + t per column: x, out ``(n, c)``, s and t ``(c,)``."""
-    _channelwise(np.multiply, x, s, out=out)
-    return _channelwise(np.add, out, t, out=out)
+    channelwise(np.multiply, x, s, out=out)
+    return channelwise(np.add, out, t, out=out)
+
+
+class BatchPass:
+    """The arithmetic of one training pass of batch norm over n rows ``(n, c)``, which may come in blocks.
+
+    Works on zc = z - shift, with a shift near the batch mean (the layer uses
+    the mean itself, the fused conv step the running mean, which it folds into
+    the conv bias): zc keeps float32 sums of squares accurate. Forward:
+    `sums_` of each block's zc (added up in float64), `finish` (the mean and
+    biased variance), then y = zc * a + c per block (``affine``, `Cols`).
+    Backward: `grad_sums_` of each block's dy, `finish_backward`, then
+    `input_grad_` of each block. Every pass takes one block at a time, so a
+    caller can keep each block in cache (`dpcnn.fused.ConvBNReLU`).
+    """
+
+    def __init__(self, shift: np.ndarray, eps: float):
+        self.shift, self.eps = shift, eps
+        self.n, self.sums, self.grads = 0, np.zeros((2, len(shift))), np.zeros((2, len(shift)))
+
+    def sums_(self, zc: np.ndarray, tmp: np.ndarray) -> None:
+        """Add up the column sums and sums of squares of zc ``(rows, c)`` (tmp: scratch like zc)."""
+        self.n += zc.shape[0]
+        self.sums[0] += _col_sums(zc)
+        self.sums[1] += _col_sums(np.multiply(zc, zc, out=tmp))
+
+    def finish(self, gamma: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's (mean, biased variance), ``(c,)`` each; sets ``affine`` = (a, c) of y = zc * a + c."""
+        dt, n = self.shift.dtype, max(self.n, 1)
+        self.delta = self.sums[0] / n  # mean - shift
+        var = np.maximum(self.sums[1] / n - self.delta ** 2, 0)
+        self.inv = 1 / np.sqrt(var + self.eps)
+        self.k = gamma * self.inv  # (float64)
+        self.affine = Cols(self.k.astype(dt)), Cols((beta - self.delta * self.k).astype(dt))
+        return (self.shift + self.delta).astype(dt), var.astype(dt)
+
+    def grad_sums_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray) -> None:
+        """Add up the column sums of dy and of dy * zc, ``(rows, c)`` each."""
+        self.grads[0] += _col_sums(d)
+        self.grads[1] += _col_sums(np.multiply(d, zc, out=tmp))
+
+    def finish_backward(self) -> tuple[np.ndarray, np.ndarray]:
+        """(dgamma, dbeta), ``(c,)`` each; sets dz = dy * A + zc * B + C, which is the batch-norm backward
+        k * (dy - mean(dy) - x_hat * mean(dy * x_hat)), k = gamma / sqrt(var + eps), x_hat = (zc - delta) * inv."""
+        dbeta, n, dt = self.grads[0], max(self.n, 1), self.shift.dtype
+        dgamma = self.inv * (self.grads[1] - self.delta * dbeta)
+        b = -self.k * self.inv * dgamma / n
+        self.input_map64 = (self.k, b, -b * self.delta - self.k * dbeta / n)
+        self.input_map = tuple(Cols(v.astype(dt)) for v in self.input_map64)
+        return dgamma.astype(dt), dbeta.astype(dt)
+
+    def input_grad_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray) -> None:
+        """d ``(rows, c)`` = dL/dy -> dL/dz, in place."""
+        A, B, C = self.input_map
+        channelwise(np.multiply, d, A, out=d)
+        d += channelwise(np.multiply, zc, B, out=tmp)
+        channelwise(np.add, d, C, out=d)
 
 
 class BatchNorm(Layer):
@@ -204,23 +237,24 @@ class BatchNorm(Layer):
         c = self.num_features
         x2 = x.reshape(-1, c)
         if not train:
-            self._cache = None
+            self._pass = None
             return affine_(x2, *self.scale_shift(), out=np.empty_like(x2)).reshape(x.shape)
-        xhat = self.workspace.get("xhat", x2.shape, x.dtype)
-        xhat[...] = x2
-        mean, var = normalize_(xhat, self.eps, self.workspace.get("tmp", x2.shape, x.dtype))
-        self.record(mean, var, x2.shape[0], x.shape[0])
-        self._cache = (x.shape, var)
-        return affine_(xhat, self.gamma, self.beta, out=np.empty_like(x2)).reshape(x.shape)
+        self._pass = bp = BatchPass(_col_sums(x2) / x.dtype.type(max(len(x2), 1)), self.eps)
+        zc = channelwise(np.subtract, x2, bp.shift, out=self.workspace.get("zc", x2.shape, x.dtype))
+        bp.sums_(zc, self.workspace.get("tmp", x2.shape, x.dtype))
+        self.record(*bp.finish(self.gamma, self.beta), len(x2), x.shape[0])
+        return affine_(zc, *bp.affine, out=np.empty_like(x2)).reshape(x.shape)
 
     def backward(self, dy):
-        if self._cache is None:  # after an evaluation forward: the fixed map x * s + t
+        bp = self._pass
+        if bp is None:  # after an evaluation forward: the fixed map x * s + t
             return dy * self.scale_shift()[0]
-        shape, var = self._cache
         d = dy.reshape(-1, self.num_features).copy()
-        dgamma, dbeta = bn_backward_(d, self.workspace["xhat"], self.gamma, var, self.eps, self.workspace["tmp"])
-        self.dgamma[...], self.dbeta[...] = dgamma, dbeta
-        return d.reshape(shape)
+        zc, tmp = self.workspace["zc"], self.workspace["tmp"]
+        bp.grad_sums_(d, zc, tmp)
+        self.dgamma[...], self.dbeta[...] = bp.finish_backward()
+        bp.input_grad_(d, zc, tmp)
+        return d.reshape(dy.shape)
 
     def __repr__(self):
         return f"BatchNorm({self.num_features}, momentum={self.momentum:g}, eps={self.eps:g})"

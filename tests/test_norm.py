@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpcnn.errors import ConfigError
-from dpcnn.fused import ConvBNReLU
+from dpcnn.fused_bn import ConvBNReLU
 from dpcnn.model import Model
 from dpcnn.norm import BatchNorm, Dropout, dropout_scale
 
@@ -139,15 +139,22 @@ def test_model_lays_out_running_statistics_after_the_trainable_parameters():
     assert "(+ 54 running statistics)" in fresh.summary()
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1])
-def test_fused_conv_batchnorm_relu_matches_layers(block_bytes):
+@pytest.mark.parametrize("tuning,negative_gamma", [({}, False), ({}, True), ({"fused_block_bytes": 1}, False),
+                                                  ({"fused_block_bytes": 1, "store_cols_bytes": 0}, True),
+                                                  ({"fold_bias": False}, False)])
+def test_fused_conv_batchnorm_relu_matches_layers(tuning, negative_gamma):
     """Training (batch statistics, dropout) and evaluation (BN folded into the filters): the fused
-    plan gives the layers' numbers, in one block or in blocks of one example."""
+    plan gives the layers' numbers, in one block or in blocks of one example, with the first layer's
+    statistics from the patches' Gram matrix (bias folded) or not, pooling before or after the
+    batch-norm map (a negative gamma)."""
     from dpcnn.conv_kernels import TUNING
 
     fused, plain = bn_models()
+    if negative_gamma:
+        for model in (fused, plain):
+            model.batchnorms[0].gamma[1] = model.batchnorms[1].gamma[0] = -0.5
     x, y = RNG.standard_normal((6, 12, 12, 1)), RNG.integers(0, 10, 6)
-    with TUNING.override(**({} if block_bytes is None else {"fused_block_bytes": block_bytes})):
+    with TUNING.override(**tuning):
         lf = fused.loss_and_grads(x, y, denom=9, step=3, start=2)
         lp = plain.loss_and_grads(x, y, denom=9, step=3, start=2)
         assert lf[1] == lp[1] and lf[0] == pytest.approx(lp[0], rel=1e-13)
