@@ -20,6 +20,7 @@ from .dist import Dist
 from .tracking import default_uri
 
 log = logging.getLogger("dpcnn")
+_RUNNING: list["HostMetrics"] = []
 NODE_ENV = "MLFLOW_SYSTEM_METRICS_NODE_ID"  # MLflow's own setting: the node id of this process's samplers
 
 
@@ -57,14 +58,23 @@ class HostMetrics:
             self.monitor = SystemMetricsMonitor(run_id, sampling_interval=float(tracking_cfg.system_metrics_interval),
                                                 node_id=hosts[dist.rank], tracking_uri=uri)
             self.monitor.start()
+            _RUNNING.append(self)
         except Exception as e:  # noqa: BLE001 - metrics are not worth a failed run
             log.warning("system metrics of host %s disabled: %s: %s", hosts[dist.rank], type(e).__name__, e)
             self.monitor = None
 
     def finish(self) -> None:
+        """Stop sampling. Called once rank 0 has ended the run (`finish_all`), so a host samples the
+        whole run, its end phase included, not only its own part of the training."""
         if self.monitor is not None:
             try:
                 self.monitor.finish()
             except Exception as e:  # noqa: BLE001
                 log.warning("stopping the system metrics sampler failed: %s", e)
             self.monitor = None
+
+
+def finish_all() -> None:
+    """Stop this process's host samplers (after the job's end-phase barrier)."""
+    while _RUNNING:
+        _RUNNING.pop().finish()

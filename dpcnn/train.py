@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import config, faults, sweep
+from . import config, faults, host_metrics, sweep
 from .data import Augment, EpochSampler, fit_config, get_spec, head_for, input_hint, load_data, prepare
 from .dist import Dist
 from .early_stop import EpochStopper
@@ -118,7 +118,7 @@ def train(cfg: DictConfig, dist: Dist) -> float:
             return nothing_to_train(pos, last_step, cfg, dist, stopper)
         out = RootOutputs(cfg, dist, run_dir, interrupted=stop_requested)
         run_id = dist.from_root(lambda: out.start(model, dist, resumed_from, data, pos.history))
-        samplers = HostMetrics(cfg.tracking, dist, run_id)  # system metrics of the other hosts, into that run
+        HostMetrics(cfg.tracking, dist, run_id)  # system metrics of the other hosts, into that run (to the end)
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
         batch_of = Batches(cfg, data, dist)
         status, summary, stop = "FAILED", {}, False
@@ -159,7 +159,6 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     stopped_by_signal(pos, cfg, run_dir)
             status, summary = stopper.finish(model, summary)  # [early stop] the best epoch's weights and figures
         finally:
-            samplers.finish()
             out.finish(status, model, summary)
     return objective(summary, cfg)
 
@@ -310,6 +309,7 @@ def _hydra_entry(cfg: DictConfig) -> float:
     # Rank 0 may still be ending the run (plots, the model, a tracking flush): the others wait here with
     # their signal handlers in place, so a SIGTERM now cannot kill a finished rank and tear rank 0 down.
     dist.wait_all()
+    host_metrics.finish_all()
     # The value the sweeper sees: allreduced by training, verified identical on every rank.
     return sweep.end_trial(objective, dist) if multirun else objective
 
