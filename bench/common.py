@@ -120,8 +120,11 @@ def try_torch():
     return torch
 
 
-def torch_model(torch, specs: list[dict], input_shape=(28, 28, 1)):
-    """nn.Sequential equivalent to a dpcnn layer spec list (NCHW inside torch)."""
+def torch_model(torch, specs: list[dict], input_shape=(28, 28, 1), bn_momentum=None):
+    """nn.Sequential equivalent to a dpcnn layer spec list (NCHW inside torch).
+
+    ``bn_momentum(m)`` maps a batchnorm spec's momentum to torch's (default: the same).
+    """
     nn = torch.nn
     h, w, c = input_shape
     mods, flat = [], None
@@ -149,6 +152,13 @@ def torch_model(torch, specs: list[dict], input_shape=(28, 28, 1)):
         elif t == "dense":
             mods.append(nn.Linear(flat, s["units"]))
             flat = s["units"]
+        elif t == "batchnorm":
+            momentum = s.get("momentum", 0.1)
+            bn = nn.BatchNorm1d if flat is not None else nn.BatchNorm2d
+            mods.append(bn(flat or c, eps=s.get("eps", 1e-5),
+                           momentum=bn_momentum(momentum) if bn_momentum else momentum))
+        elif t == "dropout":
+            mods.append(nn.Dropout(s.get("rate", 0.5)))
     return nn.Sequential(*mods)
 
 

@@ -31,10 +31,14 @@ class ModelConf:
 @dataclass
 class OptimizerConf:
     name: str = "sgd"
+    algorithm: str = "sgd"              # sgd | adam (dpcnn.optim.make_optimizer)
     lr: float = 0.1
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: float = 1.0e-8                 # adam
+    decoupled: bool = False             # adam: true is AdamW (decoupled weight decay)
     schedule: str = "constant"          # constant | step | cosine
     warmup_steps: int = 0
     step_epochs: int = 10
@@ -144,6 +148,7 @@ _SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataC
                                      EarlyStoppingConf)}
 
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
+            "optimizer.algorithm": ("sgd", "adam"),
             "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
 # key: (lowest allowed, whether the bound is inclusive, may it be null, example)
 _RANGES = {
@@ -156,7 +161,8 @@ _RANGES = {
     "optimizer.lr": (0, False, False, 0.05), "optimizer.momentum": (0, True, False, 0.9),
     "optimizer.weight_decay": (0, True, False, 5e-4), "optimizer.warmup_steps": (0, True, False, 100),
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),
-    "optimizer.min_lr": (0, True, False, 0.0), "data.train_subset": (1, True, True, 1000),
+    "optimizer.min_lr": (0, True, False, 0.0), "optimizer.eps": (0, False, False, 1e-8),
+    "data.train_subset": (1, True, True, 1000),
     "data.val_fraction": (0, True, False, 0.1), "data.augment.max_shift": (0, True, False, 2),
     "data.test_fraction": (0, True, False, 0.2), "data.num_classes": (1, True, True, 10),
     "trainer.early_stopping.patience": (1, True, False, 3), "trainer.early_stopping.min_delta": (0, True, False, 0.001),
@@ -246,10 +252,15 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             raise ConfigError(f"{key} must be {bound}{' or null' if nullable else ''}, got {value}; "
                               f"e.g. {key}={example}")
     _check_data_and_stopping(cfg)
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas}; "
+                          "e.g. optimizer.betas=[0.9,0.999]")
     t = cfg.trainer
     if t.batch_size < world_size:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is the GLOBAL batch and is smaller than the "
                           f"{world_size} ranks; use trainer.batch_size>={world_size} or fewer ranks")
+    _batchnorm_groups(cfg, world_size)
 
 
 def _check_data_and_stopping(cfg: DictConfig) -> None:
@@ -269,3 +280,23 @@ def _check_data_and_stopping(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.early_stopping.monitor={es.monitor} needs a validation split: set "
                           "data.val_fraction, e.g. data.val_fraction=0.1 (or monitor test_acc, which tunes on the "
                           "test set)")
+
+
+def _batchnorm_groups(cfg: DictConfig, world_size: int) -> None:
+    """Batchnorm takes its statistics over the micro-batches of ``trainer.micro_batch``, cut at fixed positions
+    of the global batch; they are the same at every world size only if no rank splits one (README)."""
+    if not any(isinstance(layer, DictConfig) and layer.get("type") == "batchnorm" for layer in cfg.model.layers):
+        return
+    t, micro = cfg.trainer, cfg.trainer.micro_batch
+    per_rank = t.batch_size // world_size if t.batch_size % world_size == 0 else None
+    fits = [d for d in range(1, 33) if per_rank and per_rank % d == 0]
+    hint = f"trainer.micro_batch={fits[-1]}" if fits else f"trainer.batch_size={world_size * 32}"
+    if micro is None:
+        raise ConfigError("a model with batchnorm needs trainer.micro_batch: batch statistics are taken over "
+                          "fixed micro-batches of the global batch, so they do not depend on the world size; "
+                          f"e.g. {hint}")
+    if t.batch_size % (world_size * micro):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} over {world_size} ranks is not whole micro-batches of "
+                          f"trainer.micro_batch={micro}: batchnorm statistics of a micro-batch split between ranks "
+                          f"would depend on the world size; use a global batch that is a multiple of ranks x "
+                          f"micro_batch, or e.g. {hint}")

@@ -9,11 +9,14 @@ and run the convolution through `dpcnn.conv_kernels`.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import conv_kernels as ck
 from .conv_kernels import TUNING, Workspace
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+from .norm import BatchNorm, Dropout
 
 __all__ = ["ConvReLU", "DenseReLU", "FUSED_POOLS", "fused_plan"]
 
@@ -65,36 +68,66 @@ class ConvReLU:
         return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
 
     def forward(self, x, train=True):
-        conv, k = self.conv, self.k
-        kk, c_out, dtype = k * k, conv.out_channels, x.dtype
-        m, h, w, _ = x.shape
-        oh, ow, _ = conv.output_shape(x.shape[1:])
+        f = self._start(x, *self._weights(train))
+        for a, b in f.blocks:  # cache blocking, see the class docstring
+            yb = f.y[a:b].reshape(-1, f.c_out)
+            zb = self._conv_block(f, a, b, out=yb if self.k == 1 else None)  # no pool: the GEMM writes y
+            self._pool_relu(zb.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
+        return self._finish(f)
+
+    def _weights(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The filters ``(f, f, c_in, c_out)`` and bias ``(c_out,)`` the forward pass convolves with."""
+        return self.conv.W, self.conv.b
+
+    def _start(self, x: np.ndarray, W: np.ndarray, bias: np.ndarray) -> SimpleNamespace:
+        """What a forward pass over x ``(m, h, w, c_in)`` needs: the geometry, the filter matrix, the
+        padded input, the output ``(m, qh*qw, c_out)``, the masks and the blocks of examples."""
+        conv, k, m, (h, w) = self.conv, self.k, x.shape[0], x.shape[1:3]
+        oh, ow, c_out = conv.output_shape(x.shape[1:])
         fold = TUNING.fold_bias
-        Wm = ck.filter_matrix(conv.W, conv.b, fold)
+        Wm = ck.filter_matrix(W, bias, fold)
         # A private copy even without padding: backward recomputes patches from it.
         xp = ck.pad(x, conv.pads(h, w), conv.workspace, copy=True)
-        qh, qw = oh // k, ow // k
         nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
-        shape = (m, qh * qw, c_out)
-        y = self.workspace.get("y", shape, dtype) if self.reuse_output else np.empty(shape, dtype)
+        shape = (m, (oh // k) * (ow // k), c_out)
+        y = self.workspace.get("y", shape, x.dtype) if self.reuse_output else np.empty(shape, x.dtype)
         # (Kept in eval mode too: a backward after forward(train=False) works, as for the layers.)
         masks = self.workspace.get("masks", (m * oh * ow * c_out,), np.bool_)
-        z = self.workspace.get("z", (nb * oh * ow, c_out), dtype) if k > 1 else None
         # Keep every block's patches for backward when they are small, else recompute them.
         store = m * oh * ow * Wm.shape[0] * x.itemsize <= TUNING.store_cols_bytes
-        cap = m * oh * ow if store else nb * oh * ow
-        for a in range(0, m, nb):  # cache blocking, see the class docstring
-            b = min(a + nb, m)
-            A = self._patches(xp[a:b], oh, ow, fold, cap, row0=a * oh * ow if store else 0)
-            yb = y[a:b].reshape(-1, c_out)
-            zb = yb if k == 1 else z[:A.shape[0]]  # no pool: the GEMM writes the output itself
-            ck.gemm(A, Wm, out=zb)
-            if not fold:
-                zb += conv.b
-            mb = masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out)
-            self._pool_relu(zb.reshape(kk, -1, c_out), yb, mb)
-        self._cache = (x.shape, xp, fold, (oh, ow), nb, masks, store)
-        return y.reshape(m, qh, qw, c_out)
+        rows = oh * ow
+        return SimpleNamespace(
+            x_shape=x.shape, xp=xp, fold=fold, Wm=Wm, bias=bias, oh=oh, ow=ow, c_out=c_out, kk=k * k, nb=nb,
+            y=y, masks=masks, store=store, rows=rows, blocks=[(a, min(a + nb, m)) for a in range(0, m, nb)],
+            block_masks=lambda a, b: masks[a * rows * c_out:b * rows * c_out].reshape(k * k, -1, c_out))
+
+    def _cols(self, f: SimpleNamespace, a: int, b: int, fresh: bool = False) -> np.ndarray:
+        """The patch matrix of examples a:b: made now (``fresh``, and kept if ``f.store``), else the
+        kept one or made again."""
+        if fresh:
+            cap = f.x_shape[0] * f.rows if f.store else f.nb * f.rows
+            return self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap, row0=a * f.rows if f.store else 0)
+        if f.store:
+            return ck.stored_cols(self.conv.workspace, self.conv.transposed_cols, a * f.rows, (b - a) * f.rows)
+        return self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap=f.nb * f.rows)  # recomputed
+
+    def _conv_block(self, f: SimpleNamespace, a: int, b: int, out: np.ndarray | None = None,
+                    fresh: bool = True) -> np.ndarray:
+        """Conv output ``((b-a)*oh*ow, c_out)`` of examples a:b, rows in pool-slot order, into ``out``
+        (default: this step's block buffer); ``fresh``: see `_cols`."""
+        A = self._cols(f, a, b, fresh)
+        if out is None:
+            out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:A.shape[0]]
+        ck.gemm(A, f.Wm, out=out)
+        if not f.fold:
+            out += f.bias
+        return out
+
+    def _finish(self, f: SimpleNamespace) -> np.ndarray:
+        """Keep what backward needs; the output as ``(m, qh, qw, c_out)``."""
+        self._cache = f
+        k = self.k
+        return f.y.reshape(f.x_shape[0], f.oh // k, f.ow // k, f.c_out)
 
     def _patches(self, xp: np.ndarray, oh: int, ow: int, fold: bool, cap: int, row0: int = 0) -> np.ndarray:
         """The patch matrix ``(n*oh*ow, K [+ 1])`` of the padded block xp
@@ -104,10 +137,12 @@ class ConvReLU:
         return ck.im2col(xp, conv.kernel_size, conv.stride, oh, ow, conv.workspace, self.k, fold,
                          conv.transposed_cols, cap, row0)
 
-    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray) -> None:
+    def _pool_relu(self, zs: np.ndarray, y: np.ndarray, masks: np.ndarray, after_max=None) -> None:
         """One block: ``zs`` (k*k, rows, c_out) conv output by pool slot -> ``y`` (rows, c_out);
         ``masks`` (shaped like zs) gets which z pass their gradient on (for average
-        pooling, times 1/(k*k), which backward applies)."""
+        pooling, times 1/(k*k), which backward applies). Max pooling only:
+        ``after_max(y)`` maps the window maxima in place before the ReLU (an
+        increasing per-channel map, which commutes with the max)."""
         kk = zs.shape[0]
         if kk == 1:  # ReLU only; zs[0] is y
             np.greater(y, 0, out=masks[0])
@@ -127,9 +162,11 @@ class ConvReLU:
         # Slot s takes the window's gradient if z_s equals the max, no earlier
         # slot took it, and the max is > 0: "taken" starts as (max <= 0).
         # For bools, a > b is a & ~b.
+        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
+        if after_max is not None:
+            after_max(y)
         taken = self.workspace.get("taken", y.shape, np.bool_)
         np.less_equal(y, 0, out=taken)
-        np.equal(zs, y, out=masks)  # y broadcasts over the slot axis
         for s in range(kk):
             np.greater(masks[s], taken, out=masks[s])
             if s < kk - 1:
@@ -137,47 +174,54 @@ class ConvReLU:
         np.maximum(y, 0, out=y)
 
     def backward(self, dy):
-        x_shape, xp, fold, (oh, ow), nb, masks, store = self._cache
-        conv, k = self.conv, self.k
-        kk, c_out = k * k, conv.out_channels
-        m, h, w, c = x_shape
-        dtype = xp.dtype
-        dy = dy.reshape(m, -1, c_out)
-        dz = self.workspace.get("dz", (nb * oh * ow, c_out), dtype)
-        dx = None
+        f = self._cache
+        g = self._start_backward(f)
+        dz = self.workspace.get("dz", (f.nb * f.rows, f.c_out), f.xp.dtype)
+        for a, b in f.blocks:  # the forward's blocks
+            dzb = self._masked_grad(f, dy, a, b, out=dz[:(b - a) * f.rows])
+            self._block_backward(f, g, a, b, dzb)
+        return g.dx
+
+    def _masked_grad(self, f: SimpleNamespace, dy: np.ndarray, a: int, b: int, out: np.ndarray) -> np.ndarray:
+        """d loss / d (conv output) of examples a:b, rows in pool-slot order: dy through the pool and
+        ReLU masks (times 1/(k*k) for average pooling), into ``out`` ``((b-a)*oh*ow, c_out)``."""
+        g = dy.reshape(f.x_shape[0], -1, f.c_out)[a:b].reshape(-1, f.c_out)
+        if self.avg:
+            g = g * (1.0 / f.kk)
+        # g broadcasts over the slot axis, the outermost: contiguous passes.
+        np.multiply(g, f.block_masks(a, b), out=out.reshape(f.kk, -1, f.c_out))
+        return out
+
+    def _start_backward(self, f: SimpleNamespace) -> SimpleNamespace:
+        """The input gradient's buffers: dx ``(m, h, w, c_in)`` (None for a first layer) and the padded
+        dz of the full correlation, or the NHWC dz that col2im scatters."""
+        conv = self.conv
+        g = SimpleNamespace(dx=None)
         if conv.needs_input_grad:
-            pads = conv.pads(h, w)
-            full = ck.full_corr_ok(conv.kernel_size, conv.stride, pads, h, w, oh, ow)
+            m, h, w, _ = f.x_shape
+            g.pads = conv.pads(h, w)
+            g.full = ck.full_corr_ok(conv.kernel_size, conv.stride, g.pads, h, w, f.oh, f.ow)
             # Reused: within a Model dx only ever goes to the step below's backward.
-            dx = self.workspace.get("dx", x_shape, dtype)
-            if full:
-                dyp, inner = ck.dy_padded(conv.W, nb, oh, ow, pads, conv.workspace)
+            g.dx = self.workspace.get("dx", f.x_shape, f.xp.dtype)
+            if g.full:
+                g.dyp, g.inner = ck.dy_padded(conv.W, f.nb, f.oh, f.ow, g.pads, conv.workspace)
             else:
-                d = self.workspace.get("dz_nhwc", (nb, oh, ow, c_out), dtype)
-        for a in range(0, m, nb):  # the forward's blocks
-            b = min(a + nb, m)
-            if store:
-                A = ck.stored_cols(conv.workspace, conv.transposed_cols, a * oh * ow, (b - a) * oh * ow)
-            else:
-                A = self._patches(xp[a:b], oh, ow, fold, cap=nb * oh * ow)  # recomputed
-            dzb = dz[:A.shape[0]]
-            g = dy[a:b].reshape(-1, c_out)
-            if self.avg:
-                g = g * (1.0 / kk)
-            # g broadcasts over the slot axis, the outermost: contiguous passes.
-            np.multiply(g, masks[a * oh * ow * c_out:b * oh * ow * c_out].reshape(kk, -1, c_out),
-                        out=dzb.reshape(kk, -1, c_out))
-            ck.param_grads(A, dzb, conv.dW, conv.db, fold, conv.workspace, accumulate=a > 0)
-            if dx is None:
-                continue
-            n = b - a
-            if full:
-                self._to_nhwc(dzb, inner[:n], n, oh, ow)
-                ck.full_corr(dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=dx[a:b])
-            else:
-                self._to_nhwc(dzb, d[:n], n, oh, ow)
-                dx[a:b] = ck.col2im(d[:n].reshape(-1, c_out), conv.W, (n, h, w, c), conv.stride, pads, oh, ow)
-        return dx
+                g.d = self.workspace.get("dz_nhwc", (f.nb, f.oh, f.ow, f.c_out), f.xp.dtype)
+        return g
+
+    def _block_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
+        """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz."""
+        conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
+        ck.param_grads(self._cols(f, a, b), dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
+        if g.dx is None:
+            return
+        _, h, w, c = f.x_shape
+        if g.full:
+            self._to_nhwc(dzb, g.inner[:n], n, oh, ow)
+            ck.full_corr(g.dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=g.dx[a:b])
+        else:
+            self._to_nhwc(dzb, g.d[:n], n, oh, ow)
+            g.dx[a:b] = ck.col2im(g.d[:n].reshape(-1, f.c_out), conv.W, (n, h, w, c), conv.stride, g.pads, oh, ow)
 
     def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
         """Write dz (rows in pool-slot order when k > 1) into the NHWC array ``out``."""
@@ -226,28 +270,31 @@ FUSED_POOLS: tuple = (AvgPool2D, MaxPool2D)
 
 
 def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
-    """The layers with fusable runs replaced by fused steps.
+    """The layers with fusable runs replaced by fused steps: conv [batchnorm] relu [pool], dense relu.
 
     ``shapes[i]`` is the input shape of ``layers[i]``. Exact types only: a
     subclass may change what a layer computes. Every step but the last may hand
     the next one a reused buffer; the last returns a fresh array (the logits
     belong to the caller).
     """
+    from .fused_bn import ConvBNReLU  # (it builds on ConvReLU, so it lives in a module that imports this one)
+
     plan, i, n = [], 0, len(layers)
+    at = lambda j: layers[j] if j < n else None  # noqa: E731
     while i < n:
-        layer, nxt = layers[i], layers[i + 1] if i + 1 < n else None
-        after = layers[i + 2] if i + 2 < n else None
-        if type(layer) is Conv2D and type(nxt) is ReLU:
+        layer = layers[i]
+        bn = at(i + 1) if type(at(i + 1)) is BatchNorm and type(layer) is Conv2D else None
+        j = i + 1 + (bn is not None)  # where a ReLU would be
+        if type(layer) is Conv2D and type(at(j)) is ReLU:
             oh, ow, _ = shapes[i + 1]
-            if (type(after) in FUSED_POOLS and after.kernel_size == after.stride > 1
-                    and oh % after.kernel_size == 0 and ow % after.kernel_size == 0):
-                plan.append(ConvReLU(layer, nxt, after))
-                i += 3
-            else:
-                plan.append(ConvReLU(layer, nxt))
-                i += 2
-        elif type(layer) is Dense and type(nxt) is ReLU:
-            plan.append(DenseReLU(layer, nxt))
+            pool = at(j + 1)
+            if not (type(pool) in FUSED_POOLS and pool.kernel_size == pool.stride > 1
+                    and oh % pool.kernel_size == 0 and ow % pool.kernel_size == 0):
+                pool = None
+            plan.append(ConvBNReLU(layer, bn, at(j), pool) if bn else ConvReLU(layer, at(j), pool))
+            i = j + 1 + (pool is not None)
+        elif type(layer) is Dense and type(at(i + 1)) is ReLU:
+            plan.append(DenseReLU(layer, at(i + 1)))
             i += 2
         else:
             plan.append(layer)
@@ -255,6 +302,6 @@ def fused_plan(layers: list[Layer], shapes: list[tuple]) -> list:
     for step in reversed(plan):  # the step whose output becomes the logits (Flatten only reshapes)
         if hasattr(step, "reuse_output"):
             step.reuse_output = False
-        if type(step) is not Flatten:
+        if type(step) not in (Flatten, Dropout):  # (Dropout at evaluation passes its input on)
             break
     return plan

@@ -11,10 +11,18 @@ With ``micro_batch`` the buffer is float64 and sums the micro-batches'
 gradients (see `micro_slices`), which makes float32 runs bitwise identical at
 every world size; the optimizer then gets a separate gradient in the model's
 dtype.
+
+A model with batchnorm layers has running statistics at the end of its
+parameters; the matching end of the gradients holds the step's batch
+statistics (each micro-batch's, weighted by its share of the global batch),
+so the same reduction averages them and every rank then moves the running
+statistics the same way (`Model.update_running_stats`). The optimizer gets
+the trainable part only.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 
@@ -45,25 +53,29 @@ class StepBuffer:
         n = self.n = model.num_params
         self.micro = micro_batch
         self.buf = np.zeros(n + 4, np.float64 if micro_batch else model.dtype)
-        # What the optimizer reads: the reduced buffer's front itself, or (micro-batches) a copy.
-        self.grad = np.zeros(n, model.dtype) if micro_batch else self.buf[:n]
-        model.bind_grads(self.grad)
+        # What the model writes: the reduced buffer's front itself, or (micro-batches) a copy.
+        model.bind_grads(np.zeros(n, model.dtype) if micro_batch else self.buf[:n])
+        #: What the optimizer reads: the trainable part (without the batch statistics).
+        self.grad = model.grads[:model.num_trainable]
         self.model = model
 
-    def shard_gradient(self, x: np.ndarray, y: np.ndarray, global_batch: int, shard_start: int) -> None:
+    def shard_gradient(self, x: np.ndarray, y: np.ndarray, global_batch: int, shard_start: int,
+                       step: int | None = None) -> None:
         """This rank's part of the step: gradient of (its loss sum / global batch) into the buffer.
 
         ``x`` (m, h, w, c), ``y`` (m,) is this rank's shard, starting at position
-        ``shard_start`` of the global batch of ``global_batch`` examples.
+        ``shard_start`` of the global batch of ``global_batch`` examples; ``step``
+        (the optimizer step about to be taken) and the positions fix the dropout masks.
         """
         if not self.micro:
             self.buf[self.n + LOSS], self.buf[self.n + CORRECT] = \
-                self.model.loss_and_grads(x, y, denom=global_batch)
+                self.model.loss_and_grads(x, y, denom=global_batch, step=step, start=shard_start)
             return
         self.buf[:self.n] = 0
         for part in micro_slices(shard_start, len(x), self.micro):
-            loss, correct = self.model.loss_and_grads(x[part], y[part], denom=global_batch)
-            self.buf[:self.n] += self.grad
+            loss, correct = self.model.loss_and_grads(x[part], y[part], denom=global_batch, step=step,
+                                                      start=shard_start + part.start)
+            self.buf[:self.n] += self.model.grads
             self.buf[self.n + LOSS] += loss
             self.buf[self.n + CORRECT] += correct
 
@@ -80,10 +92,13 @@ class StepBuffer:
         self.buf[self.n + STOP] = bool(stop)
 
     def reduce(self, dist: Dist) -> None:
-        """The step's one collective: mean gradient + metrics + flags, identical on every rank."""
+        """The step's one collective: mean gradient + metrics + flags, identical on every rank; then
+        the batchnorm running statistics move (unless a rank failed or the loss is not finite)."""
         dist.allreduce_sum_(self.buf)
         if self.micro:
-            self.grad[...] = self.buf[:self.n]
+            self.model.grads[...] = self.buf[:self.n]
+        if self.model.num_trainable < self.n and not self.error and math.isfinite(self.loss):
+            self.model.update_running_stats(self.model.grads[self.model.num_trainable:])
 
     @property
     def loss(self) -> float:

@@ -121,7 +121,6 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         samplers = HostMetrics(cfg.tracking, dist, run_id)  # system metrics of the other hosts, into that run
         dist.watchdog.advice, dist.watchdog.on_timeout = lambda: resume_advice(pos, cfg, run_dir), out.timed_out
         batch_of = Batches(cfg, data, dist)
-
         status, summary, stop = "FAILED", {}, False
         started = time.perf_counter() - (pos.history[-1].get("elapsed_s", 0.0) if pos.history else 0.0)
         try:
@@ -132,7 +131,8 @@ def train(cfg: DictConfig, dist: Dist) -> float:
                     t0, dist.watchdog.step = time.perf_counter(), pos.step
                     with reported_as_step_error(step, dist.rank, pos.step):
                         faults.check("step", dist.rank, pos.step, stop_requested)
-                        step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist))
+                        step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist),
+                                            pos.step)
                     step.request_stop(stop_requested())
                     t1 = time.perf_counter()
                     step.reduce(dist)  # the step's one collective: mean gradient + metrics + flags
@@ -208,7 +208,7 @@ def build(cfg: DictConfig, dist: Dist):
     sampler = EpochSampler(len(data.train[0]), t.batch_size, seed=cfg.seed, drop_last=t.drop_last)
     check_budget(cfg, data, sampler, dist)
     lr_at = dist.agree(lambda: make_schedule(cfg.optimizer, sampler.num_batches, t.epochs * sampler.num_batches))
-    opt = dist.agree(lambda: make_optimizer(model.params, cfg.optimizer))
+    opt = dist.agree(lambda: make_optimizer(model.trainable, cfg.optimizer))
     # The LR schedule spans trainer.epochs; max_steps is a budget that stops early
     # without reshaping the schedule (so a run stopped and resumed matches one that was not).
     return model, data, sampler, opt, lr_at, min(t.epochs * sampler.num_batches, t.max_steps or math.inf)
