@@ -177,7 +177,18 @@ def test_store_lock_and_repair(tmp_path):
     assert "half-migrated" in str(e.value) and "mlflow db upgrade" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_model_logged_once_across_a_failed_attempt(tmp_path, empty_store, monkeypatch):
+@pytest.fixture
+def global_mlflow_uri_restored():
+    """Logging a model sets MLflow's global tracking URI (and $MLFLOW_TRACKING_URI): put it back for later tests."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+def test_model_logged_once_across_a_failed_attempt(tmp_path, empty_store, monkeypatch, global_mlflow_uri_restored):
     """An attempt cut off after the logged model was created: the retry finishes it; one READY model."""
     from mlflow.models import Model as MlflowModel
 
