@@ -41,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402,F401  (first: one BLAS thread before numpy loads)
-from bench_scaling import MPIRUN, REPO, data_parallel, env, steady, train_args  # noqa: E402
+from bench_scaling import MPIRUN, REPO, env, steady, train_args  # noqa: E402
 
 SCRIPT = REPO / "launch" / "emulated-cluster.sh"
 MODEL, BATCH = "small", 64
@@ -137,17 +137,43 @@ class Cluster:
         self.cmd("down", check=False)
 
 
-def dpcnn_across(cluster: Cluster, epochs: int) -> dict:
+#: dpcnn's ways of reducing the step (issue 18), measured side by side: today's one blocking Allreduce after
+#: backward, the buckets started during backward (the default), and those with 16-bit gradients.
+VARIANTS = {"blocking": ["trainer.overlap=false"], "overlap": ["trainer.overlap=true"],
+            "fp16": ["trainer.overlap=true", "trainer.grad_compression=fp16"],
+            "bf16": ["trainer.overlap=true", "trainer.grad_compression=bf16"]}
+SHARES = ("allreduce_frac", "comm_wait_frac", "comm_transfer_frac")
+
+
+def figures(run_dir: Path) -> dict:
+    """img/s and the reduction's shares (waiting for the slower rank, transfer), medians after the first epoch."""
+    from dpcnn import checkpoint
+
+    history = checkpoint.load(run_dir / "checkpoints").meta["history"]
+    epochs = history[1:] or history
+    return {**steady(run_dir), **{k: median(e[k] for e in epochs) for k in SHARES[1:] if k in epochs[0]}}
+
+
+def dpcnn_across(cluster: Cluster, epochs: int, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        run = lambda: cluster.cmd("run", str(cluster.hosts), *train_args(run_dir, MODEL, BATCH, epochs)[2:],
-                                  cwd=tmp)  # noqa: E731
+        args = [*train_args(run_dir, MODEL, BATCH, epochs)[2:], *VARIANTS[variant]]
+        run = lambda: cluster.cmd("run", str(cluster.hosts), *args, cwd=tmp)  # noqa: E731
         _, rx = cluster.measured(run)
         from dpcnn import checkpoint
 
         ckpt = checkpoint.load(run_dir / "checkpoints")
         buffer = (ckpt.params.size + 4) * 4
-        return {**steady(run_dir), "rx_per_step": [b / ckpt.step / buffer for b in rx], "buffer_bytes": buffer}
+        return {**figures(run_dir), "rx_per_step": [b / ckpt.step / buffer for b in rx], "buffer_bytes": buffer}
+
+
+def dpcnn_one_host(n: int, epochs: int, variant: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [str(MPIRUN), "-n", str(n), sys.executable, *train_args(run_dir, MODEL, BATCH, epochs),
+               *VARIANTS[variant]]
+        subprocess.run(cmd, cwd=tmp, env=env(DPCNN_MPI_WAIT="auto"), check=True, capture_output=True)
+        return figures(run_dir)
 
 
 def ddp_across(cluster: Cluster, windows: int, reps: int) -> dict:
@@ -171,6 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--rates", nargs="+", default=["1gbit", "10gbit", "none"])
+    ap.add_argument("--variants", nargs="+", default=["blocking", "overlap", "fp16"], choices=list(VARIANTS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5, help="dpcnn: epochs of mnist-5k (79 steps each), first is warm-up")
     ap.add_argument("--windows", type=int, default=7, help="DDP: timed windows of each kind")
@@ -187,62 +214,79 @@ def main() -> None:
         sys.exit("set DPCNN_DATA_DIR to a folder with MNIST (e.g. ../shared/data/mnist-5k)")
     ddp = not args.no_ddp and common.torch_available()
     load0, t_start = common.load_average(), time.time()
-
     rows = []
     for n in args.hosts:
         cluster = Cluster(n)
         try:
-            rounds = []
-            for r in range(args.repeats):
-                got = {}
-                for rate in args.rates:
-                    cluster.cmd("rate", rate)
-                    got[("dpcnn", rate)] = dpcnn_across(cluster, args.epochs)
-                    if ddp:
-                        got[("ddp", rate)] = ddp_across(cluster, args.windows, args.reps)
-                got[("dpcnn", "one host")] = data_parallel(n, MODEL, BATCH, args.epochs, "auto")
-                if ddp:
-                    got[("ddp", "one host")] = ddp_one_host(n, args.windows, args.reps)
-                print(f"{n} hosts, round {r + 1}: " + ", ".join(
-                    f"{who}@{rate} {v['img_per_s']:,.0f}" for (who, rate), v in got.items()), flush=True)
-                rounds.append(got)
+            rounds = [one_round(cluster, n, args, ddp, r) for r in range(args.repeats)]
         finally:
             cluster.down()
-        for rate in [*args.rates, "one host"]:
-            row = {"hosts": n, "rate": rate}
-            for who in ("dpcnn", "ddp") if ddp else ("dpcnn",):
-                runs = [g[(who, rate)] for g in rounds]
-                row[who] = {"img_per_s": median(x["img_per_s"] for x in runs),
-                            "vs_one_host": median(g[(who, rate)]["img_per_s"] / g[(who, "one host")]["img_per_s"]
-                                                  for g in rounds)}
-                share = "allreduce_frac" if who == "dpcnn" else "exposed_comm"
-                row[who][share] = median(x[share] for x in runs)
-                if "rx_per_step" in runs[0]:
-                    row[who]["rx_per_step"] = [median(x["rx_per_step"][h] for x in runs) for h in range(n)]
-            if ddp:
-                row["dpcnn_vs_ddp"] = median(g[("dpcnn", rate)]["img_per_s"] / g[("ddp", rate)]["img_per_s"]
-                                             for g in rounds)
-            rows.append(row)
-
+        rows += summarise(rounds, n, args, ddp)
     load1 = common.load_average()
     print(f"\n{MODEL}, global batch {BATCH}, one rank per host, 1 BLAS/intra-op thread per rank, "
           f"median of {args.repeats} interleaved rounds; load average {load0:.1f} -> {load1:.1f}, "
           f"{(time.time() - t_start) / 60:.0f} min")
-    print("| hosts | link | dpcnn img/s | allreduce | vs one host | rx/step (x buffer) | DDP img/s | DDP exposed comm "
-          "| DDP vs one host | DDP rx/step | dpcnn / DDP |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        d, t = row["dpcnn"], row.get("ddp")
-        rx = lambda v: " / ".join(f"{x:.2f}" for x in v["rx_per_step"]) if "rx_per_step" in v else "-"  # noqa: E731
-        cells = [row["hosts"], row["rate"], f"{d['img_per_s']:,.0f}", f"{d['allreduce_frac']:.1%}",
-                 f"{d['vs_one_host']:.2f}", rx(d)]
-        cells += [f"{t['img_per_s']:,.0f}", f"{t['exposed_comm']:.1%}", f"{t['vs_one_host']:.2f}", rx(t),
-                  f"{row['dpcnn_vs_ddp']:.2f}"] if t else ["-"] * 5
-        print("| " + " | ".join(map(str, cells)) + " |")
+    print_table(rows)
     Path(args.out).write_text(json.dumps({"model": MODEL, "batch": BATCH, "repeats": args.repeats,
                                           "epochs": args.epochs, "load": [load0, load1], "machine": common.machine(),
                                           "rows": rows}, indent=1))
     print(f"wrote {args.out}")
+
+
+def one_round(cluster: Cluster, n: int, args, ddp: bool, r: int) -> dict:
+    """Every configuration once: each variant across the hosts at each rate, DDP there, then on one host."""
+    got = {}
+    for rate in args.rates:
+        cluster.cmd("rate", rate)
+        for variant in args.variants:
+            got[(variant, rate)] = dpcnn_across(cluster, args.epochs, variant)
+        if ddp:
+            got[("ddp", rate)] = ddp_across(cluster, args.windows, args.reps)
+    for variant in args.variants:
+        got[(variant, "one host")] = dpcnn_one_host(n, args.epochs, variant)
+    if ddp:
+        got[("ddp", "one host")] = ddp_one_host(n, args.windows, args.reps)
+    print(f"{n} hosts, round {r + 1}: " + ", ".join(
+        f"{who}@{rate} {v['img_per_s']:,.0f}" for (who, rate), v in got.items()), flush=True)
+    return got
+
+
+def summarise(rounds: list[dict], n: int, args, ddp: bool) -> list[dict]:
+    """Medians over the rounds; ratios are taken within a round (the same spell of load), then the median."""
+    rows = []
+    for rate in [*args.rates, "one host"]:
+        for who in [*args.variants, *(["ddp"] if ddp else [])]:
+            runs = [g[(who, rate)] for g in rounds]
+            row = {"hosts": n, "rate": rate, "who": who, "img_per_s": median(x["img_per_s"] for x in runs),
+                   "vs_one_host": median(g[(who, rate)]["img_per_s"] / g[(who, "one host")]["img_per_s"]
+                                         for g in rounds)}
+            for share in (*SHARES, "exposed_comm"):
+                if share in runs[0]:
+                    row[share] = median(x[share] for x in runs)
+            if "rx_per_step" in runs[0]:
+                row["rx_per_step"] = [median(x["rx_per_step"][h] for x in runs) for h in range(n)]
+            if who != "ddp":
+                row["vs_blocking_one_host"] = median(g[(who, rate)]["img_per_s"] / g[(args.variants[0], "one host")]
+                                                     ["img_per_s"] for g in rounds)
+                if ddp:
+                    row["vs_ddp"] = median(g[(who, rate)]["img_per_s"] / g[("ddp", rate)]["img_per_s"] for g in rounds)
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| hosts | link | who | img/s | vs one host | vs blocking on one host | allreduce (waiting + transfer) "
+          "| rx/step (x buffer) | vs DDP |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        share = row.get("allreduce_frac", row.get("exposed_comm", float("nan")))
+        split = (f" ({row['comm_wait_frac']:.1%} + {row['comm_transfer_frac']:.1%})"
+                 if "comm_wait_frac" in row else " (exposed)" if "exposed_comm" in row else "")
+        rx = " / ".join(f"{x:.2f}" for x in row["rx_per_step"]) if "rx_per_step" in row else "-"
+        cells = [row["hosts"], row["rate"], row["who"], f"{row['img_per_s']:,.0f}", f"{row['vs_one_host']:.2f}",
+                 f"{row['vs_blocking_one_host']:.2f}" if "vs_blocking_one_host" in row else "-", f"{share:.1%}{split}",
+                 rx, f"{row['vs_ddp']:.2f}" if "vs_ddp" in row else "-"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ class TrainerConf:
     resume_strict: bool = True
     checkpoint_every: Optional[int] = None
     micro_batch: Optional[int] = None
+    overlap: bool = True             # start each gradient bucket's Allreduce as backward writes it (dpcnn.buckets)
+    bucket_bytes: int = 262144       # a bucket gathers layers' gradients (from the last) to at least this size
+    grad_compression: str = "none"   # none | fp16 | bf16: gradients cross the wire in 16 bits, error feedback
+    profile: bool = False            # timeline.json (Chrome trace) + timeline.png per epoch (dpcnn.timeline)
     stall_warning: Optional[float] = 60.0        # s a collective waits before the missing ranks are named
     collective_timeout: Optional[float] = 600.0  # s the step's collective may wait; then the job ends (exit 1)
     setup_timeout: Optional[float] = 1800.0      # the same for set-up, data, evaluation, checkpoints, the end
@@ -149,7 +153,8 @@ _SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataC
 
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
             "optimizer.algorithm": ("sgd", "adam"),
-            "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal")}
+            "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal"),
+            "trainer.grad_compression": ("none", "fp16", "bf16")}
 # key: (lowest allowed, whether the bound is inclusive, may it be null, example)
 _RANGES = {
     "trainer.epochs": (1, True, False, 10), "trainer.max_steps": (1, True, True, 100),
@@ -157,7 +162,7 @@ _RANGES = {
     "trainer.log_every": (1, True, False, 10), "trainer.keep_last": (0, True, False, 1),
     "trainer.checkpoint_every": (1, True, True, 500), "trainer.micro_batch": (1, True, True, 16),
     "trainer.stall_warning": (0, False, True, 60), "trainer.collective_timeout": (0, False, True, 600),
-    "trainer.setup_timeout": (0, False, True, 1800),
+    "trainer.setup_timeout": (0, False, True, 1800), "trainer.bucket_bytes": (0, True, False, 262144),
     "optimizer.lr": (0, False, False, 0.05), "optimizer.momentum": (0, True, False, 0.9),
     "optimizer.weight_decay": (0, True, False, 5e-4), "optimizer.warmup_steps": (0, True, False, 100),
     "optimizer.step_epochs": (1, True, False, 10), "optimizer.gamma": (0, False, False, 0.1),

@@ -51,6 +51,11 @@ class Dist:
         # the job ends instead of waiting forever (dpcnn.watchdog).
         self.watchdog = watchdog.get(self.comm)
 
+    @property
+    def hosts(self) -> list[str]:
+        """The host name of every rank (this one's alone at world size 1)."""
+        return getattr(self.watchdog, "hosts", None) or [os.uname().nodename]
+
     def pin_blas_threads(self) -> int:
         """Give each rank its share of this host's cores for BLAS (at least one thread).
 
@@ -80,6 +85,63 @@ class Dist:
                     time.sleep(20e-6)
                 else:
                     os.sched_yield()  # give the core to a rank that is still computing
+
+    # --- the step, in buckets (dpcnn.buckets) ---------------------------------------
+    def start_sum_(self, buf: np.ndarray, wire: str | None = None, comm=None, tag: int = 0):
+        """Start an in-place SUM over ranks of ``buf``; returns something with ``Test()`` (None at size 1).
+
+        ``wire`` None: ``buf`` is float32/float64, summed by MPI's own ``Iallreduce``. ``"fp16"`` /
+        ``"bf16"``: ``buf`` holds 16-bit floats as uint16, summed by `dpcnn.ring.Ring16` on ``comm``
+        (a communicator of the caller's own) with ``tag``. Nothing waits here: `wait_sums_` completes it.
+        """
+        if self.size == 1:
+            return None
+        if wire is None:
+            return self.comm.Iallreduce(MPI.IN_PLACE, [buf, _MPI_DTYPES[buf.dtype]], op=MPI.SUM)
+        from .buckets import CODECS
+        from .ring import Ring16
+
+        return Ring16(comm, buf, *CODECS[wire], tag=tag)
+
+    def wait_sums_(self, reqs: list, what: str = "step") -> None:
+        """Wait for every sum of `start_sum_` (watched like any collective; polite when oversubscribed)."""
+        reqs = [r for r in reqs if r is not None]
+        if not reqs:
+            return
+        with self.watchdog.watch(what):
+            if not self.polite_wait and all(isinstance(r, MPI.Request) for r in reqs):
+                MPI.Request.Waitall(reqs)
+                return
+            while not all([r.Test() for r in reqs]):  # (a list: every request is tested, each time)
+                if self.polite_wait and self._sleep:
+                    time.sleep(20e-6)
+                elif self.polite_wait:
+                    os.sched_yield()
+
+    def gather_rows(self, row: np.ndarray, what: str = "checkpoint") -> np.ndarray | None:
+        """Every rank's ``row`` stacked ``(size, *row.shape)`` on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return row[None].copy()
+        out = np.empty((self.size, *row.shape), row.dtype) if self.is_root else None
+        with self.watchdog.watch(what):
+            self.comm.Gather([np.ascontiguousarray(row), _MPI_DTYPES[row.dtype]],
+                             [out, _MPI_DTYPES[row.dtype]] if self.is_root else None, root=0)
+        return out
+
+    def scatter_rows(self, rows: np.ndarray | None, out: np.ndarray, what: str = "set-up") -> None:
+        """Rank r gets ``rows[r]`` (given on rank 0, shape ``(size, *out.shape)``) into ``out``."""
+        if self.size == 1:
+            out[...] = rows[0]
+            return
+        with self.watchdog.watch(what):
+            self.comm.Scatter([rows, _MPI_DTYPES[out.dtype]] if self.is_root else None,
+                              [out, _MPI_DTYPES[out.dtype]], root=0)
+
+    def allreduce_(self, buf: np.ndarray, op: str = "sum", what: str = "evaluation") -> None:
+        """In-place SUM or MIN over ranks of a small float buffer (end-of-epoch figures)."""
+        if self.size > 1:
+            with self.watchdog.watch(what):
+                self.comm.Allreduce(MPI.IN_PLACE, [buf, _MPI_DTYPES[buf.dtype]], op=MPI.MIN if op == "min" else MPI.SUM)
 
     def broadcast_(self, buf: np.ndarray, root: int = 0) -> None:
         """Overwrite ``buf`` on every rank with root's copy."""

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import faults
+from . import faults, timeline
 from .data import EpochSampler
 from .dist import Dist
 from .model import Model
 from .resume import Position
+from .timeline import StepClock
 
 
 def eval_sums(model: Model, x: np.ndarray, y: np.ndarray, dist: Dist, batch_size: int) -> np.ndarray:
@@ -37,6 +38,11 @@ class EpochStats:
     step_time: float = 0.0
     comm_time: float = 0.0
     started: float = field(default_factory=time.perf_counter)  # wall clock at the epoch's first step
+    clock: StepClock | None = None  # the step buffer's stamps, split at the end (dpcnn.timeline)
+
+    def __post_init__(self):
+        if self.clock is not None:
+            self.clock.new_epoch()
 
     def add(self, batch: int, mean_loss: float, correct: int, step_time: float, comm_time: float) -> None:
         self.seen += batch
@@ -89,9 +95,12 @@ def end_epoch(model: Model, data, dist: Dist, out, pos: Position, stats, started
               eval_batch_size: int) -> dict:
     """Evaluate, append the epoch's metrics to the history, report them; returns the summary metrics."""
     evaluated = evaluate_splits(model, data, dist, eval_batch_size, pos.step)  # and peak_rss_mb: the largest rank's
+    comm = timeline.epoch_comm(stats.clock, dist) if stats.clock is not None else {}  # waiting vs transfer
+    if stats.clock is not None and out.cfg.trainer.profile:
+        out.timeline(timeline.gather(stats.clock, dist), dist.hosts, pos)
     metrics = {"epoch": pos.epoch if pos.batch == 0 else pos.epoch + 1, "step": pos.step,
                **stats.metrics(),  # after the evaluation: the wall-clock figures include it
-               **evaluated, "elapsed_s": time.perf_counter() - started}  # wall time of training so far
+               **comm, **evaluated, "elapsed_s": time.perf_counter() - started}  # wall time of training so far
     pos.history.append(metrics)
     out.epoch(metrics, pos.step)
     return {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}

@@ -1,10 +1,12 @@
 """The ``DPCNN_FAULT`` hook the failure tests use to make a rank misbehave at a known point.
 
-``DPCNN_FAULT="rank=R,step=S[,action=raise|stall|kill][,phase=step|eval|end|setup][,attempt=A]"``:
+``DPCNN_FAULT="rank=R,step=S[,action=raise|stall|kill][,phase=step|backward|eval|end|setup][,attempt=A]"``:
 rank R does ``action`` in ``phase`` once training has taken S steps (only in
 attempt A of a job that ``launch/local.sh --max-restarts`` restarts, if given):
 
 - ``step`` (the default): inside the gradient computation of step S;
+- ``backward``: inside the backward pass of step S, once a gradient bucket's Allreduce is in
+  flight (``trainer.overlap``);
 - ``eval``: in the first end-of-epoch evaluation at or after step S (outside the step);
 - ``end``: in rank 0's end phase (plots, model, flush), after training finished;
 - ``setup``: while the data are loaded, before the first step (S is ignored).
@@ -26,7 +28,7 @@ from .errors import DpcnnError
 
 ENV = "DPCNN_FAULT"
 ACTIONS = ("raise", "stall", "kill")
-PHASES = ("step", "eval", "end", "setup")
+PHASES = ("step", "backward", "eval", "end", "setup")
 
 
 @dataclass
@@ -60,7 +62,7 @@ def parse(spec: str) -> Fault:
         fault = None
     if fault is None or fault.action not in ACTIONS or fault.phase not in PHASES:
         raise DpcnnError(f"{ENV}={spec!r}: expected rank=R,step=S[,action=raise|stall|kill]"
-                         "[,phase=step|eval|end|setup][,attempt=A]")
+                         "[,phase=step|backward|eval|end|setup][,attempt=A]")
     return fault
 
 

@@ -107,6 +107,11 @@ class Model:
         # dpcnn.fused). Set `_fuse = False` to run the plain layers.
         self._fuse = True
         self._plan = fused_plan(layers, [tuple(input_shape)] + list(shapes))
+        #: Called as ``on_grads_ready(offset)`` after each backward step that wrote parameter gradients:
+        #: ``grads[offset:num_trainable]`` is then final (the step's reduction starts buckets there).
+        self.on_grads_ready = None
+        self.on_forward_done = None  # called once the loss is known, before backward (the timeline)
+        self._ranges: dict[bool, list] = {}  # grad_ranges() of the fused plan and of the plain layers
         self.init(seed, init)
 
     @classmethod
@@ -202,11 +207,31 @@ class Model:
     def _steps(self) -> list:
         return self._plan if self._fuse else self.layers
 
+    def grad_ranges(self) -> list[tuple[int, int] | None]:
+        """For each step `backward` runs (fused or not): the range of ``grads`` it writes, or None."""
+        ranges, offset = {}, 0
+        for layer in self.layers:
+            n = sum(int(np.prod(shape)) for _, shape in layer.param_shapes)
+            ranges[id(layer)] = (offset, offset + n) if n else None
+            offset += n
+        out = []
+        for step in self._steps():
+            mine = [ranges[id(layer)] for layer in getattr(step, "layers", (step,)) if ranges[id(layer)]]
+            out.append((min(r[0] for r in mine), max(r[1] for r in mine)) if mine else None)
+        return out
+
     def backward(self, dlogits: np.ndarray) -> None:
-        """Backpropagate d loss / d logits; fills ``self.grads`` (overwriting it)."""
-        d = dlogits
-        for step in reversed(self._steps()):
-            d = step.backward(d)
+        """Backpropagate d loss / d logits; fills ``self.grads`` (overwriting it), telling
+        ``on_grads_ready`` (if set) after each step that wrote gradients."""
+        d, ready = dlogits, self.on_grads_ready
+        steps = self._steps()
+        ranges = self._ranges.get(self._fuse) if ready is not None else None
+        if ready is not None and ranges is None:
+            ranges = self._ranges[self._fuse] = self.grad_ranges()
+        for i in reversed(range(len(steps))):
+            d = steps[i].backward(d)
+            if ready is not None and ranges[i] is not None:
+                ready(ranges[i][0])
             if d is None:  # first parametric layer: nothing below needs a gradient
                 break
 
@@ -228,6 +253,8 @@ class Model:
         self._passes += 1
         logits = self.forward(x, train=True)
         loss = self.loss.forward(logits, y, denom)
+        if self.on_forward_done is not None:
+            self.on_forward_done()
         self.backward(self.loss.backward())
         self.grads[self.num_trainable:] *= self.dtype.type(1.0 / (denom or len(x)))
         return loss, int((logits.argmax(axis=1) == y).sum())

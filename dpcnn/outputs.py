@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, checkpoint, faults, viz
+from . import __version__, checkpoint, faults, timeline, viz
 from .dist import Dist
 from .errors import DpcnnError
 from .host_metrics import name_this_host
@@ -159,13 +159,32 @@ class RootOutputs:
             self.bar = None
         # Two speeds: the steps alone, and the epoch's wall clock (evaluation, checkpoints, anything that
         # stalled rank 0 included), so a stall anywhere shows up.
+        split = (f" (waiting {metrics['comm_wait_frac']:.1%} + transfer {metrics['comm_transfer_frac']:.1%})"
+                 if "comm_wait_frac" in metrics else "")
         log.info("epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%%%s | %s img/s in steps, %s img/s "
-                 "wall (%.1f s) | allreduce %.1f%% of step", metrics["epoch"], metrics["train_loss"],
+                 "wall (%.1f s) | allreduce %.1f%% of step%s", metrics["epoch"], metrics["train_loss"],
                  100 * metrics["train_acc"], metrics["test_loss"], 100 * metrics["test_acc"],
                  f" | val acc {100 * metrics['val_acc']:.2f}%" if "val_acc" in metrics else "",
                  f"{metrics['img_per_s']:,.0f}", f"{metrics['wall_img_per_s']:,.0f}", metrics["epoch_time_s"],
-                 100 * metrics["allreduce_frac"])
+                 100 * metrics["allreduce_frac"], split)
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step)
+
+    def timeline(self, rows: np.ndarray | None, hosts: list[str], pos: Position) -> None:
+        """``trainer.profile``: add this epoch's rows ``(ranks, steps, columns)`` to the run's Chrome
+        trace, draw its bars, log both under ``timeline/`` (`dpcnn.timeline`)."""
+        if not self.enabled or rows is None or not rows.shape[1]:
+            return
+        if not hasattr(self, "_trace"):
+            self._trace, self._t0 = [], float(rows[0, 0, timeline.START])
+        first = pos.step - rows.shape[1]
+        self._trace += timeline.trace_events(rows, hosts, first, self._t0)
+        try:
+            paths = timeline.write(self.run_dir / "timeline", self._trace, rows, hosts, pos.epoch + (pos.batch > 0))
+        except Exception as e:  # noqa: BLE001 - a profile is not worth a failed run
+            log.warning("writing the timeline failed (%s: %s)", type(e).__name__, e)
+            return
+        for path in paths:
+            self.tracker.log_artifact(path, "timeline")
 
     def save(self, model: Model, opt_state: dict, pos: Position,
              name: str = checkpoint.LAST) -> tuple[str | None, bool]:

@@ -34,10 +34,12 @@ class Position:
     saved_step: int | None = None  # the step of the newest checkpoint on disk (known to every rank)
 
 
-def save_or_raise(out, model: Model, opt, pos: Position, dist: Dist) -> None:
+def save_or_raise(out, model: Model, opt, pos: Position, dist: Dist, step=None) -> None:
     """Rank 0 writes the checkpoint (``out`` is the `RootOutputs`); a failure there stops every
-    rank with its message."""
-    error, saved = dist.bcast(out.save(model, opt.state(), pos), what="checkpoint")
+    rank with its message. ``step`` (the `StepBuffer`) adds every rank's gradient-compression
+    residual (gathered: every rank calls this)."""
+    comm = step.reducer.state(dist) if step is not None and step.reducer is not None else {}
+    error, saved = dist.bcast(out.save(model, {**opt.state(), **comm}, pos), what="checkpoint")
     if error:
         raise DpcnnError(error)
     if saved:
@@ -66,17 +68,23 @@ def check_in_sync(model: Model, dist: Dist) -> None:
                          "your MPI library and world size")
 
 
-def resume(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position, dict | None]:
+def resume(cfg, dist: Dist, model: Model, opt, run_dir: Path, step=None) -> tuple[Position, dict | None]:
     """Every rank continues from rank 0's state: the checkpoint of ``trainer.resume`` if there is one,
-    else rank 0's fresh weights. Returns the position and what it resumed from (or None)."""
-    pos, resumed_from = _load(cfg, dist, model, opt, run_dir) if cfg.trainer.resume else (Position(), None)
+    else rank 0's fresh weights. Returns the position and what it resumed from (or None). ``step``
+    (the `StepBuffer`) gets each rank's gradient-compression residual back."""
+    residual: list = [None]  # rank 0: the checkpoint's per-rank residuals, if it has them
+    pos, resumed_from = _load(cfg, dist, model, opt, run_dir, residual) if cfg.trainer.resume else (Position(), None)
     dist.broadcast_(model.params)
     for arr in opt.state().values():
         dist.broadcast_(arr)
+    if step is not None and step.reducer is not None:
+        note = step.reducer.load_state(residual[0], dist)
+        if note and dist.is_root:
+            log.warning("%s", note)
     return pos, resumed_from
 
 
-def _load(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position, dict | None]:
+def _load(cfg, dist: Dist, model: Model, opt, run_dir: Path, residual: list) -> tuple[Position, dict | None]:
     """Load a checkpoint on rank 0 and share its metadata; returns the position to continue from."""
     path = Path(str(cfg.trainer.resume))
     if str(cfg.trainer.resume) == "auto":
@@ -98,6 +106,7 @@ def _load(cfg, dist: Dist, model: Model, opt, run_dir: Path) -> tuple[Position, 
                               "restart the interrupted epoch with the new ones")
         model.params[:] = ckpt.params
         opt.load_state(ckpt.optimizer)
+        residual[0] = ckpt.optimizer.get("grad_residual")
         return {**ckpt.meta, "changed": changed}
 
     meta = dist.bcast(dist.agree(read))

@@ -18,19 +18,27 @@ statistics (each micro-batch's, weighted by its share of the global batch),
 so the same reduction averages them and every rank then moves the running
 statistics the same way (`Model.update_running_stats`). The optimizer gets
 the trainable part only.
+
+The reduction runs in buckets (`dpcnn.buckets`): with ``overlap`` each starts
+as soon as backward has written it, and the tail bucket (batch statistics and
+slots) last, so it is still one logical reduction that every rank completes
+at the same step. `clock` stamps the step for the timeline (`dpcnn.timeline`).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 import traceback
 
 import numpy as np
 
+from . import buckets, faults
 from .data import EpochSampler
 from .dist import Dist
 from .model import Model
+from .timeline import StepClock
 
 # Slots after the gradients, summed over ranks by the step's Allreduce.
 LOSS, CORRECT, STOP, ERROR = range(4)
@@ -49,7 +57,8 @@ def micro_slices(start: int, length: int, micro: int) -> list[slice]:
 class StepBuffer:
     """The gradient view, the metric and flag slots, and the step's one reduction."""
 
-    def __init__(self, model: Model, micro_batch: int | None = None):
+    def __init__(self, model: Model, micro_batch: int | None = None, dist: Dist | None = None,
+                 overlap: bool = False, bucket_bytes: int = 0, compression: str = "none"):
         n = self.n = model.num_params
         self.micro = micro_batch
         self.buf = np.zeros(n + 4, np.float64 if micro_batch else model.dtype)
@@ -58,6 +67,14 @@ class StepBuffer:
         #: What the optimizer reads: the trainable part (without the batch statistics).
         self.grad = model.grads[:model.num_trainable]
         self.model = model
+        ranges = [r for r in model.grad_ranges() if r is not None]
+        plan = buckets.plan(ranges, model.num_trainable, n + 4, bucket_bytes, self.buf.itemsize)
+        self.reducer = buckets.Reducer(dist, self.buf, plan, model.num_trainable, compression,
+                                       overlap) if dist is not None else None
+        self.clock = StepClock(len(plan))
+        model.on_forward_done = self.clock.forward_done
+        self._accumulated = model.num_trainable  # micro-batches: grads[this:trainable] already added to buf
+        self._step = None
 
     def shard_gradient(self, x: np.ndarray, y: np.ndarray, global_batch: int, shard_start: int,
                        step: int | None = None) -> None:
@@ -67,21 +84,50 @@ class StepBuffer:
         ``shard_start`` of the global batch of ``global_batch`` examples; ``step``
         (the optimizer step about to be taken) and the positions fix the dropout masks.
         """
+        if self.reducer is not None:
+            self.reducer.scale, self._step = global_batch, step
+        try:
+            self._shard_gradient(x, y, global_batch, shard_start, step)
+        finally:
+            self.model.on_grads_ready = None  # a later loss_and_grads outside a step starts no bucket
+
+    def _shard_gradient(self, x, y, global_batch: int, shard_start: int, step: int | None) -> None:
         if not self.micro:
+            self.model.on_grads_ready = self._ready if self.reducer is not None and self.reducer.overlap else None
             self.buf[self.n + LOSS], self.buf[self.n + CORRECT] = \
                 self.model.loss_and_grads(x, y, denom=global_batch, step=step, start=shard_start)
+            self.clock.backward_done()
             return
         self.buf[:self.n] = 0
-        for part in micro_slices(shard_start, len(x), self.micro):
+        parts = micro_slices(shard_start, len(x), self.micro)
+        for k, part in enumerate(parts):
+            # The last micro-batch adds each layer's gradient as backward writes it, and its buckets start.
+            last = k == len(parts) - 1 and self.reducer is not None and self.reducer.overlap
+            self.model.on_grads_ready, self._accumulated = (self._ready if last else None), self.model.num_trainable
+            self.clock.part_start()
             loss, correct = self.model.loss_and_grads(x[part], y[part], denom=global_batch, step=step,
                                                       start=shard_start + part.start)
-            self.buf[:self.n] += self.model.grads
+            self.buf[:self._accumulated] += self.model.grads[:self._accumulated]
+            self.buf[self.model.num_trainable:self.n] += self.model.grads[self.model.num_trainable:]
             self.buf[self.n + LOSS] += loss
             self.buf[self.n + CORRECT] += correct
+            self.clock.backward_done()
+
+    def _ready(self, offset: int) -> None:
+        """Backward wrote ``grads[offset:trainable]``: (micro-batches: add it to the sum, then) start its buckets."""
+        if self.micro:
+            self.buf[offset:self._accumulated] += self.model.grads[offset:self._accumulated]
+            self._accumulated = offset
+        self.reducer.ready(offset)
+        if self.reducer.started:  # the failure tests: a rank that fails or stalls with a bucket in flight
+            faults.check("backward", self.reducer.dist.rank, self._step)
 
     def clear_slots(self) -> None:
-        """Zero the metric and flag slots before a step."""
+        """A step begins: zero the metric and flag slots, no bucket started, the clock running."""
         self.buf[self.n:] = 0
+        self.clock.start()
+        if self.reducer is not None:
+            self.reducer.begin()
 
     def fail(self, rank: int, step: int) -> None:
         """Report this rank's exception (call from ``except``); every rank learns it at `reduce`."""
@@ -94,7 +140,13 @@ class StepBuffer:
     def reduce(self, dist: Dist) -> None:
         """The step's one collective: mean gradient + metrics + flags, identical on every rank; then
         the batchnorm running statistics move (unless a rank failed or the loss is not finite)."""
-        dist.allreduce_sum_(self.buf)
+        t0 = time.perf_counter()
+        if self.reducer is None:
+            dist.allreduce_sum_(self.buf)
+        else:
+            self.reducer.finish()
+        r, none = self.reducer, [(math.nan, math.nan)] * ((self.clock.width - 6) // 2)
+        self.clock.reduction(t0, time.perf_counter(), list(zip(r.start_times, r.done_times)) if r else none)
         if self.micro:
             self.model.grads[...] = self.buf[:self.n]
         if self.model.num_trainable < self.n and not self.error and math.isfinite(self.loss):

@@ -111,8 +111,8 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     dist.watchdog.configure(t.stall_warning, t.collective_timeout, t.setup_timeout)
     with owned_by_this_job(run_dir, dist):
         model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
-        step = StepBuffer(model, t.micro_batch)
-        pos, resumed_from = resume(cfg, dist, model, opt, run_dir)  # rank 0's weights (or checkpoint) everywhere
+        step = StepBuffer(model, t.micro_batch, dist, t.overlap, t.bucket_bytes, t.grad_compression)
+        pos, resumed_from = resume(cfg, dist, model, opt, run_dir, step)  # rank 0's weights (or checkpoint) everywhere
         stopper = EpochStopper(cfg, pos.history, model, dist, run_dir / "checkpoints")  # [early stop]
         if pos.step >= last_step or stopper.reason:  # [early stop] a run that stopped early trains nothing more
             return nothing_to_train(pos, last_step, cfg, dist, stopper)
@@ -126,34 +126,32 @@ def train(cfg: DictConfig, dist: Dist) -> float:
         try:
             while pos.epoch < t.epochs and pos.step < last_step and not stopper.reason:  # [early stop]
                 out.epoch_bar(pos.epoch, sampler.num_batches, pos.batch)
-                stats = EpochStats()
+                stats = EpochStats(clock=step.clock)
                 for k, gsize, idx in sampler.local_batches(pos.epoch, dist.rank, dist.size, start=pos.batch):
-                    t0, dist.watchdog.step = time.perf_counter(), pos.step
+                    dist.watchdog.step = pos.step
                     with reported_as_step_error(step, dist.rank, pos.step):
                         faults.check("step", dist.rank, pos.step, stop_requested)
                         step.shard_gradient(*batch_of(pos.epoch, k, gsize, idx), gsize, shard_start(gsize, dist),
                                             pos.step)
                     step.request_stop(stop_requested())
-                    t1 = time.perf_counter()
-                    step.reduce(dist)  # the step's one collective: mean gradient + metrics + flags
-                    t2 = time.perf_counter()
+                    step.reduce(dist)  # the step's one reduction (buckets start in backward): gradient, metrics, flags
                     raise_if_failed(step, pos, cfg, run_dir)
                     opt.step(step.grad, lr_at(pos.step))
                     pos.step, pos.batch = pos.step + 1, k + 1
                     stop = stop or step.stop  # a signal on any rank stops all of them here
-                    stats.add(gsize, step.loss, step.correct, time.perf_counter() - t0, t2 - t1)
+                    stats.add(gsize, step.loss, step.correct, *step.clock.end())
                     out.step(pos.step, step.loss, step.correct / gsize, stats.img_per_s)
                     if stop or pos.step >= last_step:
                         break
                     if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
-                        save_or_raise(out, model, opt, pos, dist)
+                        save_or_raise(out, model, opt, pos, dist, step)
                 if pos.batch == sampler.num_batches:
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 if stats.seen:
                     summary = end_epoch(model, data, dist, out, pos, stats, started, t.eval_batch_size)
                     stopper.after_epoch(pos, summary, model, out)  # [early stop] the same verdict on every rank
                 check_in_sync(model, dist)
-                save_or_raise(out, model, opt, pos, dist)
+                save_or_raise(out, model, opt, pos, dist, step)
                 if stop:
                     status = "KILLED"
                     stopped_by_signal(pos, cfg, run_dir)
