@@ -46,3 +46,19 @@ def workdir(tmp_path, monkeypatch):
     """A fresh directory to run in (its own mlflow.db and outputs/)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_global_uri_restored():
+    """A test that sets MLflow's global tracking URI (``runs:/`` loading reads it; MLflow also exports it as
+    MLFLOW_TRACKING_URI) must not leak it into the tests after it, whatever order they run in."""
+    name = "mlflow.tracking._tracking_service.utils"
+    before = getattr(sys.modules[name], "_tracking_uri", None) if name in sys.modules else None
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if name in sys.modules and sys.modules[name]._tracking_uri != before:
+        sys.modules[name].set_tracking_uri(before)
+    if env_before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env_before
