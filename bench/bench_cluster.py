@@ -176,6 +176,27 @@ def dpcnn_one_host(n: int, epochs: int, variant: str) -> dict:
         return figures(run_dir)
 
 
+def step_anatomy(n: int, epochs: int) -> dict:
+    """One profiled run on one host (trainer.profile): median ms of forward, backward, the optimizer and the
+    step, and how much of backward is left once the first bucket (the dense layers) is on its way; the
+    cost model (bench/cost_model.py) hides the transfer behind that."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [str(MPIRUN), "-n", str(n), sys.executable, *train_args(run_dir, MODEL, BATCH, epochs),
+               "trainer.profile=true"]
+        subprocess.run(cmd, cwd=tmp, env=env(DPCNN_MPI_WAIT="auto"), check=True, capture_output=True)
+        trace = json.loads((run_dir / "timeline" / "timeline.json").read_text())["traceEvents"]
+    spans: dict = {}
+    for e in trace:
+        if e["ph"] == "X" and e["args"]["step"] >= 79:  # after the first epoch
+            spans.setdefault((e["pid"], e["args"]["step"]), {})[e["name"]] = (e["ts"] / 1e3, e["dur"] / 1e3)
+    rows = [(d["forward"][1], d["backward"][1], d["optimizer"][1],
+             d["backward"][0] + d["backward"][1] - d["bucket 0"][0]) for d in spans.values()
+            if {"forward", "backward", "optimizer", "bucket 0"} <= set(d)]
+    fwd, bwd, opt, hide = (median(col) for col in zip(*rows))
+    return {"forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": opt, "hideable_ms": hide}
+
+
 def ddp_across(cluster: Cluster, windows: int, reps: int) -> dict:
     run = lambda: parse_ddp(cluster.cmd("mpirun", str(cluster.hosts), *ddp_command("198.18.0.1", 29500, windows, reps),
                                         extra_env={"GLOO_SOCKET_IFNAME": "eth0"}, check=False))  # noqa: E731
@@ -214,8 +235,10 @@ def main() -> None:
         sys.exit("set DPCNN_DATA_DIR to a folder with MNIST (e.g. ../shared/data/mnist-5k)")
     ddp = not args.no_ddp and common.torch_available()
     load0, t_start = common.load_average(), time.time()
-    rows = []
+    rows, anatomy = [], {}
     for n in args.hosts:
+        anatomy[n] = step_anatomy(n, 3)
+        print(f"{n} ranks on one host, ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in anatomy[n].items()))
         cluster = Cluster(n)
         try:
             rounds = [one_round(cluster, n, args, ddp, r) for r in range(args.repeats)]
@@ -229,7 +252,7 @@ def main() -> None:
     print_table(rows)
     Path(args.out).write_text(json.dumps({"model": MODEL, "batch": BATCH, "repeats": args.repeats,
                                           "epochs": args.epochs, "load": [load0, load1], "machine": common.machine(),
-                                          "rows": rows}, indent=1))
+                                          "anatomy": anatomy, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 
@@ -265,6 +288,7 @@ def summarise(rounds: list[dict], n: int, args, ddp: bool) -> list[dict]:
                     row[share] = median(x[share] for x in runs)
             if "rx_per_step" in runs[0]:
                 row["rx_per_step"] = [median(x["rx_per_step"][h] for x in runs) for h in range(n)]
+                row["buffer_bytes"] = runs[0].get("buffer_bytes", runs[0].get("grad_bytes"))
             if who != "ddp":
                 row["vs_blocking_one_host"] = median(g[(who, rate)]["img_per_s"] / g[(args.variants[0], "one host")]
                                                      ["img_per_s"] for g in rounds)
