@@ -94,6 +94,22 @@ def test_fp16_scales_into_range_and_overflows_to_inf():
     assert back[2] == np.inf  # 2000 * 64 > 65504
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("grad_compression", "fp8", "trainer.grad_compression must be one of none, fp16, bf16"),
+    ("bucket_bytes", -1, "trainer.bucket_bytes must be >= 0"),
+])
+def test_bad_overlap_settings_are_config_errors(key, value, message):
+    from omegaconf import OmegaConf
+
+    from dpcnn import config
+    from dpcnn.errors import ConfigError
+
+    cfg = OmegaConf.structured(config.Config)
+    cfg.trainer[key] = value
+    with pytest.raises(ConfigError, match=message):
+        config.validate(cfg, 2)
+
+
 # ------------------------------------------------------------------------------ under mpirun
 
 def run_params(workdir, ranks, name, *overrides):
@@ -116,9 +132,10 @@ def test_overlap_on_and_off_give_bitwise_the_same_weights_on_two_ranks(workdir):
 @pytest.mark.slow
 def test_overlap_with_micro_batches_is_bitwise_at_one_to_three_ranks(workdir):
     needs_data()
+    # (Without overlap the world sizes agree bitwise already: tests/test_train.py.)
     runs = {(n, ov): run_params(workdir, n, f"m{n}{ov}", "trainer.max_steps=20", "trainer.micro_batch=5",
                                 f"trainer.overlap={ov}", "trainer.bucket_bytes=1024")
-            for n in (1, 2, 3) for ov in ("true", "false")}
+            for n, ov in ((1, "false"), (2, "true"), (3, "true"))}
     for key, params in runs.items():
         np.testing.assert_array_equal(params, runs[(1, "false")], err_msg=str(key))
 
@@ -148,8 +165,9 @@ def test_compressed_gradients_resume_exactly_with_their_error_feedback(workdir, 
     assert not np.array_equal(residual[0], residual[1])  # each rank's own rounding
     resumed = run_params(workdir, 2, "resumed", *common, f"trainer.resume={workdir / 'part' / 'checkpoints'}")
     np.testing.assert_array_equal(resumed, straight)
-    plain = run_params(workdir, 2, "plain", *common[:-1])
-    assert not np.array_equal(plain, straight)
+    if wire == "fp16":
+        plain = run_params(workdir, 2, "plain", *common[:-1])
+        assert not np.array_equal(plain, straight)  # the wire format was in effect
 
 
 RING = r"""
@@ -238,15 +256,15 @@ def test_profile_writes_a_trace_and_bars_naming_every_rank_logged_to_mlflow(work
 
     needs_data()
     run_dir = workdir / "run"
-    proc = run_train(3, "model=small", "trainer.max_steps=30", "data.train_subset=600", "trainer.profile=true",
+    proc = run_train(2, "model=small", "trainer.max_steps=30", "data.train_subset=600", "trainer.profile=true",
                      "tracking.plots=false", "tracking.log_model=false", "tracking.experiment=tl", QUIET,
                      f"hydra.run.dir={run_dir}", cwd=workdir)
     check_ok(proc)
     trace = json.loads((run_dir / "timeline" / "timeline.json").read_text())["traceEvents"]
     names = {e["pid"]: e["args"]["name"] for e in trace if e["name"] == "process_name"}
-    assert sorted(names) == [0, 1, 2] and all(names[r].startswith(f"rank {r} (") for r in names)
+    assert sorted(names) == [0, 1] and all(names[r].startswith(f"rank {r} (") for r in names)
     spans = [e for e in trace if e["ph"] == "X"]
-    for rank in range(3):
+    for rank in range(2):
         mine = {e["name"] for e in spans if e["pid"] == rank}
         assert {"forward", "backward", "allreduce (wait + transfer)", "optimizer", "bucket 0"} <= mine
         steps = {e["args"]["step"] for e in spans if e["pid"] == rank and e["name"] == "forward"}
