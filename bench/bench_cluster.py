@@ -141,7 +141,10 @@ class Cluster:
 #: backward, the buckets started during backward (the default), and those with 16-bit gradients.
 VARIANTS = {"blocking": ["trainer.overlap=false"], "overlap": ["trainer.overlap=true"],
             "fp16": ["trainer.overlap=true", "trainer.grad_compression=fp16"],
-            "bf16": ["trainer.overlap=true", "trainer.grad_compression=bf16"]}
+            "bf16": ["trainer.overlap=true", "trainer.grad_compression=bf16"],
+            # the bucket size: a bucket per layer, and one bucket for everything (started at backward's end)
+            "bucket0": ["trainer.overlap=true", "trainer.bucket_bytes=0"],
+            "bucket1m": ["trainer.overlap=true", "trainer.bucket_bytes=1048576"]}
 SHARES = ("allreduce_frac", "comm_wait_frac", "comm_transfer_frac")
 
 
