@@ -127,7 +127,7 @@ class Reducer:
         #: Each rank's rounding residual (error feedback): part of the resume state.
         self.residual = np.zeros(trainable, np.float32) if self.wire else None
         self._wires = [np.empty(hi - lo, np.uint16) for lo, hi in buckets] if self.wire else None
-        self.comm = dist.comm.Dup() if self.wire else None  # the rings' own (every rank builds a Reducer)
+        self.comm = dist.side_comm() if self.wire else None  # the rings' own (every rank builds a Reducer)
         self.scale = 1.0
         self.begin()
 

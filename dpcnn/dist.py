@@ -22,6 +22,9 @@ from . import errors, watchdog
 _MPI_DTYPES = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
 
 
+_SIDE_COMMS: dict = {}  # communicator handle -> its duplicate (`Dist.side_comm`): one per process, not per trial
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -102,6 +105,14 @@ class Dist:
         from .ring import Ring16
 
         return Ring16(comm, buf, *CODECS[wire], tag=tag)
+
+    def side_comm(self):
+        """A duplicate of the communicator for dpcnn's own point-to-point traffic (the 16-bit rings), made
+        once per process (a collective: the first call is made on every rank at the same point)."""
+        key = self.comm.py2f()
+        if key not in _SIDE_COMMS:
+            _SIDE_COMMS[key] = self.comm.Dup()
+        return _SIDE_COMMS[key]
 
     def wait_sums_(self, reqs: list, what: str = "step") -> None:
         """Wait for every sum of `start_sum_` (watched like any collective; polite when oversubscribed)."""
