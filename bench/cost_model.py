@@ -16,7 +16,8 @@ Then across hosts at link bandwidth b:
 one-host run of the same variant). b is what one TCP stream achieved between
 two emulated hosts at each setting (`ACHIEVED`). For 8 and 64 hosts
 the same terms with a ring's bytes, W = 2 (P - 1) / P * 4 bytes * parameters
-(2 bytes in 16 bits), and 2 log2(P) message latencies of --alpha-us each;
+(2 bytes in bf16, plus its conversions: their measured cost per step on one
+host), and 2 log2(P) message latencies of --alpha-us each;
 compute per image, the optimizer and H as a share of backward from the
 profile; it prints the smallest global batch at which each stays at or above
 90 % of the compute-only step (scaling efficiency).
@@ -66,17 +67,20 @@ def extrapolate(data: dict, alpha_us: float) -> list[tuple]:
     hide_share = a["hideable_ms"] / a["backward_ms"]
     bwd_share = a["backward_ms"] / (a["forward_ms"] + a["backward_ms"])
     params = 206926
+    one_host = {r["who"]: r for r in data["rows"] if r["hosts"] == 2 and r["rate"] == "one host"}
+    # What the bf16 conversions add to a step (one host, 2 ranks): a fixed cost per step, like the optimizer.
+    convert = max(0.0, 1e3 * data["batch"] * (1 / one_host["bf16"]["img_per_s"] - 1 / one_host["overlap"]["img_per_s"]))
     out = []
     for hosts in (8, 64):
         for gbit in (10, 100):
-            for who, nbytes in (("blocking", 4), ("overlap", 4), ("overlap+16 bit", 2)):
+            for who, nbytes in (("blocking", 4), ("overlap", 4), ("overlap+bf16", 2)):
                 wire = 1e3 * 2 * (hosts - 1) / hosts * params * nbytes * 8 / (gbit * 1e9)
                 latency = 2 * math.ceil(math.log2(hosts)) * alpha_us / 1e3
                 batch = None
                 for g in range(hosts, 1 << 20, hosts):
                     compute = per_image * g / hosts
                     hidden = 0.0 if who == "blocking" else hide_share * bwd_share * compute
-                    exposed = max(0.0, wire + latency - hidden)
+                    exposed = max(0.0, wire + latency - hidden) + (convert if nbytes == 2 else 0.0)
                     if (compute + a["optimizer_ms"]) / (compute + a["optimizer_ms"] + exposed) >= 0.9:
                         batch = g
                         break
