@@ -25,7 +25,8 @@ ARGS = ["model=tiny", "trainer.epochs=2", "trainer.log_every=5", "data.train_sub
         "tracking.activation_images=1", "tracking.retry_interval=1", QUIET]
 STEPS = 64
 #: Metrics whose values are timings (they differ between any two runs); their steps must still match.
-TIMINGS = {"img_per_s", "wall_img_per_s", "step_time_s", "epoch_time_s", "elapsed_s", "peak_rss_mb", "allreduce_frac"}
+TIMINGS = {"img_per_s", "wall_img_per_s", "step_time_s", "epoch_time_s", "elapsed_s", "peak_rss_mb", "allreduce_frac",
+           "comm_wait_frac", "comm_transfer_frac"}
 LEAN = ["++tracking.plots=false", "++tracking.log_model=false", "++tracking.datasets=false"]
 
 
