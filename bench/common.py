@@ -199,8 +199,10 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 #: The modules `dpcnn.model.Model` is made of; a revision has those of them that existed
-#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13).
-MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py")
+#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13; norm.py and
+#: fused_bn.py came with issue 19; blas.py, winograd.py and col2im.py with issue 21).
+MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py", "norm.py", "fused_bn.py",
+                 "blas.py", "winograd.py", "col2im.py")
 
 
 def baseline_model_class(rev: str):
