@@ -338,7 +338,8 @@ def test_fused_blocks_and_stored_patches_match_one_block(name):
     y = rng.integers(0, 10, 7)
 
     def grads(block_bytes, store_bytes):
-        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes):
+        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes,
+                             store_cols_t_bytes=store_bytes):
             model = Model.from_config(spec(name), dtype=np.float64, seed=8)
             loss, _ = model.loss_and_grads(x, y)
         return loss, model.grads.copy()
