@@ -41,11 +41,13 @@ _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
 #: Position-flattened transforms (p = 4a + b): U = _GK @ g (16, 9), Y = _AK @ M (4, 16).
 _GK, _AK = np.kron(_G, _G), np.kron(_AT, _AT)
 
-#: Measured (bench/bench_winograd.py, 2026-12-01, one thread): Winograd wins where the per-position
-#: GEMMs have enough channels to run near BLAS speed. `small`'s 16 -> 32 conv on 14x14 (fused with
-#: its max pool): forward + backward ~1.6x faster than the direct path; its 1 -> 16 first conv: the
-#: K = 1 position GEMMs lose ~3x to the direct path's K = 10 GEMM. So: both channel counts >= this.
-AUTO_MIN_CHANNELS = 64
+#: Measured (bench/bench_winograd.py, 2026-12-01, one thread, batch 64, the fused conv + ReLU + 2x2
+#: max-pool step, forward + backward): Winograd wins once the 16 per-position GEMMs have some channels:
+#: 16 -> 32 on 14x14 (`small`'s second conv) 1.04x, on 28x28 1.32x; 32 -> 32 1.22x; 32 -> 64 1.46x;
+#: 64 -> 64 1.31x; 64 -> 128 on 8x8 1.55x. In the whole `small` step (bench note in RESULTS.md) 1.04-1.16x
+#: at batch 16-128 (one run of seven at 0.92x); `wide_bn` 1.19x. A 1 -> 16 first conv loses 5x: its
+#: position GEMMs have K = 1. So: both channel counts >= this.
+AUTO_MIN_CHANNELS = 16
 
 
 def eligible(f: int, stride: int) -> bool:
