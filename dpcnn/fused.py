@@ -4,7 +4,8 @@ step each, and the plan that puts them in place of the layers.
 The fused steps give the same numbers as the layers one by one (up to the
 order of float sums; tests/test_fastpaths.py) and never write their caller's
 arrays. They share the layers' parameter views and the conv layer's workspace,
-and run the convolution through `dpcnn.conv_kernels`.
+and run the convolution through `dpcnn.conv_kernels`, or `dpcnn.winograd` where
+`dpcnn.winograd.chosen` says so for the conv's shape (with a fused 2x2 pool).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class ConvReLU:
       pooling is k*k - 1 elementwise ops on contiguous blocks, and its backward
       one multiply by the stored masks, never the strided passes (inner loop =
       c_out floats) of a separate pool layer.
+    * Winograd F(2x2, 3x3) (3x3 stride-1 convs with a 2x2 pool, chosen by shape): its output comes in
+      tile-slot order, which is the pool-slot order, and it keeps the transformed input tiles
+      (``(16, m*oh*ow/4, c_in)``, 4/9 of the patch matrix) for backward instead of any patches.
     * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
       smaller) array. The stored mask of slot s is "z_s is the window's first
       maximum and that maximum is > 0", the product of the max-pool routing and

@@ -32,8 +32,9 @@ from . import conv_kernels as ck
 from .col2im import scratch
 from .conv_kernels import TUNING, Workspace
 
-__all__ = ["eligible", "chosen", "tile_pads", "tiles", "filters", "pad_planes", "crop_planes", "transform_input", "conv_slots",
-           "transform_grad", "filter_grads", "input_grad", "slots_to_nhwc", "nhwc_to_slots"]
+__all__ = ["eligible", "chosen", "tile_pads", "tiles", "filters", "pad_planes", "crop_planes",
+           "transform_input", "conv_slots", "transform_grad", "filter_grads", "input_grad",
+           "layer_forward", "layer_backward", "slots_to_nhwc", "nhwc_to_slots"]
 
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
