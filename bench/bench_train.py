@@ -7,7 +7,8 @@ For each model and batch size (32, 64, 128): img/s of one training step
 torch is installed, the same model and step in PyTorch (NCHW as written, and
 channels_last), all in one run with their timed windows interleaved so a
 burst of load hits every contender alike; figures are medians of the windows
-after warm-up, ratios dpcnn / torch. Then the peak RSS (ru_maxrss) of a fresh
+after warm-up, ratios dpcnn / torch. ``--clock cpu`` times the windows by
+this process's CPU time instead of the wall clock (a host busy with other jobs). Then the peak RSS (ru_maxrss) of a fresh
 process that only trains `small` at batch 64 (numpy, and torch for
 comparison), measured in subprocesses so the other contenders' memory does
 not count. Prints a table and writes bench/train.json.
@@ -19,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,9 +76,13 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=0.25, help="target length of one timed window")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time windows by the wall clock or by this process's CPU time (for a host "
+                         "whose other jobs take the cores away in bursts)")
     ap.add_argument("--baseline", metavar="GIT_REV", default=None,
                     help="also time dpcnn's layers/model as of this git revision, in the same run")
     args = ap.parse_args(argv)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     info = common.machine()
     rss = {"numpy": peak_rss("numpy")}  # first, while this process is small
     if args.baseline:
@@ -86,7 +92,8 @@ def main(argv=None):
     torch = common.try_torch()
     base_cls = common.baseline_model_class(args.baseline) if args.baseline else None
     print(f"{info.get('Model name', '?')}, {info['cpus']} CPUs, numpy {info['numpy']}, "
-          f"torch {torch.__version__ if torch else 'not installed'}, load average {common.load_average():.2f}")
+          f"torch {torch.__version__ if torch else 'not installed'}, load average {common.load_average():.2f}, "
+          f"{args.windows} windows timed by {args.clock} clock")
     rows = []
     for name in args.models:
         specs = model_spec(name)
@@ -100,7 +107,7 @@ def main(argv=None):
             # Steps per window: about args.seconds of the slowest contender.
             probe = interleaved(fns, warmup=5, windows=1, reps=3)
             reps = max(3, int(args.seconds / max(probe.values())))
-            t = interleaved(fns, warmup=5, windows=args.windows, reps=reps)
+            t = interleaved(fns, warmup=5, windows=args.windows, reps=reps, clock=clock)
             row = {"model": name, "batch": batch, "reps_per_window": reps,
                    "img_per_s": {k: batch / v for k, v in t.items()}}
             if torch is not None:
@@ -137,6 +144,7 @@ def main(argv=None):
     print(f"(this benchmark process, every contender loaded: ru_maxrss {own:.0f} MB)")
     print(f"load average {common.load_average():.2f} at end")
     path = common.write_json("train.json", {"machine": info, "rows": rows, "peak_rss_mb_small_b64": rss,
+                                            "clock": args.clock, "windows": args.windows,
                                             "bench_process_maxrss_mb": own,
                                             "torch": torch.__version__ if torch else None,
                                             "baseline_rev": args.baseline})

@@ -59,11 +59,15 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def interleaved(fns: dict, *, warmup: int = 3, windows: int = 7, reps: int = 10) -> dict[str, float]:
+def interleaved(fns: dict, *, warmup: int = 3, windows: int = 7, reps: int = 10,
+                clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each fn, windows of the contenders interleaved.
 
     Interleaving (A B C A B C ...) makes a burst of load on a noisy machine hit
     every contender alike, so the ratios measured in one run stay meaningful.
+    ``clock=time.process_time`` times the CPU this process used instead of the
+    wall: on a host whose other jobs take the cores away in bursts (time slicing),
+    CPU time still measures per-core speed (caches and memory stay shared).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -71,10 +75,10 @@ def interleaved(fns: dict, *, warmup: int = 3, windows: int = 7, reps: int = 10)
     times = {k: [] for k in fns}
     for _ in range(windows):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps):
                 fn()
-            times[k].append((time.perf_counter() - t0) / reps)
+            times[k].append((clock() - t0) / reps)
     return {k: median(v) for k, v in times.items()}
 
 
@@ -199,8 +203,10 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 #: The modules `dpcnn.model.Model` is made of; a revision has those of them that existed
-#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13).
-MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py")
+#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13; norm.py and
+#: fused_bn.py came with issue 19; blas.py, winograd.py and col2im.py with issue 21).
+MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py", "norm.py", "fused_bn.py",
+                 "blas.py", "winograd.py", "col2im.py")
 
 
 def baseline_model_class(rev: str):

@@ -28,7 +28,7 @@ from common import median, model_spec  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dpcnn import conv_kernels  # noqa: E402
+from dpcnn import conv_kernels, winograd  # noqa: E402
 from dpcnn.layers import Conv2D  # noqa: E402
 from dpcnn.model import Model  # noqa: E402
 
@@ -36,6 +36,9 @@ from dpcnn.model import Model  # noqa: E402
 #: The conv kernels timed, by the column they count in. "pad" and "im2col" copy x
 #: (padding, patches), "full_corr_cols" the padded dy's patches of the full correlation.
 PROBES = {"gemm": "gemm", "pad": "im2col", "im2col": "im2col", "full_corr_cols": "im2col"}
+#: The same for the Winograd path (its GEMMs go through ``conv_kernels.gemm``): the input
+#: tiles' padding and transform count as "im2col".
+WINO_PROBES = {"pad_planes": "im2col", "transform_input": "im2col"}
 
 
 class _Clock:
@@ -67,9 +70,10 @@ def profile(model: Model, x, y, iters: int, windows: int):
     clock = _Clock()
     # The layers call the kernels through the module (`conv_kernels.gemm`, ...),
     # so wrapping the module's functions times every call; `clock.step` says whose.
-    originals = {name: getattr(conv_kernels, name) for name in PROBES}
-    for name, label in PROBES.items():
-        setattr(conv_kernels, name, clock.wrap(originals[name], label))
+    originals = {(mod, name): getattr(mod, name) for mod, probes in ((conv_kernels, PROBES), (winograd, WINO_PROBES))
+                 for name in probes}
+    for (mod, name), fn in originals.items():
+        setattr(mod, name, clock.wrap(fn, {**PROBES, **WINO_PROBES}[name]))
 
     def run(n):
         clock.acc.clear()
@@ -99,8 +103,8 @@ def profile(model: Model, x, y, iters: int, windows: int):
         run(5)
         results = [run(iters) for _ in range(windows)]
     finally:
-        for name, fn in originals.items():
-            setattr(conv_kernels, name, fn)
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, fn)
     fw = np.median([r[0] for r in results], axis=0)
     bw = np.median([r[1] for r in results], axis=0)
     keys = set().union(*(r[2] for r in results))
@@ -137,11 +141,15 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--only", choices=["fused", "plain"], default=None)
+    ap.add_argument("--winograd", choices=["auto", "always", "never"], default="auto",
+                    help="TUNING.winograd: which 3x3 stride-1 convs run as Winograd F(2x2, 3x3)")
     args = ap.parse_args(argv)
+    conv_kernels.TUNING.winograd = args.winograd
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, args.batch)
-    print(f"model {args.model}, batch {args.batch}, load average {common.load_average():.2f}")
+    print(f"model {args.model}, batch {args.batch}, winograd {args.winograd}, "
+          f"load average {common.load_average():.2f}")
     for fuse in (True, False):
         if args.only and args.only != ("fused" if fuse else "plain"):
             continue

@@ -51,6 +51,7 @@ __all__ = [
     "full_corr_cols",
     "full_corr",
     "col2im",
+    "col2im_hwn",
 ]
 
 
@@ -75,7 +76,12 @@ class Tuning:
       conv steps (`dpcnn.fused.ConvReLU`).
     - ``store_cols_bytes``: a fused conv step keeps its whole patch matrix for
       backward when it is at most this big, else backward recomputes the
-      patches block by block.
+      patches block by block. ``store_cols_t_bytes``: the same for the transposed
+      one-channel patches, whose f*f copies cost more to redo (LeNet-5's first conv
+      at batch 128, 10.4 MB: 1.2x the step stored; `small`'s second, 7.3 MB: 0.94x).
+    - ``winograd``: 3x3 stride-1 convs as Winograd F(2x2, 3x3) (`dpcnn.winograd`):
+      "auto" where it is the faster path by shape (`dpcnn.winograd.chosen`),
+      "always" wherever it applies, "never".
     """
 
     fold_bias: bool = True
@@ -83,6 +89,8 @@ class Tuning:
     block_bytes: int = 1 << 20
     fused_block_bytes: int = 3 << 20
     store_cols_bytes: int = 6 << 20
+    store_cols_t_bytes: int = 16 << 20
+    winograd: str = "auto"
 
     @contextmanager
     def override(self, **changes) -> Iterator[Tuning]:
@@ -127,6 +135,14 @@ class Workspace:
             self._arrays[name] = a
         return a
 
+    def flat(self, name: str, size: int, dtype, init: Callable | None = None) -> np.ndarray:
+        """A 1-D array ``name`` of at least ``size`` elements, new only when it must grow (or the
+        dtype changes): for work arrays whose size varies from block to block."""
+        a = self._arrays.get(name)
+        if a is None or a.dtype != dtype or a.size < size:
+            a = self.get(name, (size,), dtype, init)
+        return a
+
     def __getitem__(self, name: str) -> np.ndarray:
         """The array ``name`` as last made by `get`."""
         return self._arrays[name]
@@ -166,7 +182,11 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 #: Every GEMM of the convolutions goes through this name: bench/profile_layers.py
 #: replaces it to time them. Call it as ``conv_kernels.gemm`` from other modules
-#: (a from-import would keep the unwrapped function).
+#: (a from-import would keep the unwrapped function). NumPy, not scipy.linalg.blas:
+#: NumPy already hands transposed views and ``out=`` to BLAS without copies, and
+#: scipy's own OpenBLAS (0.3.30, vs NumPy's 0.3.31) measured 1.3-1.5x slower on the
+#: A^T dz filter-gradient GEMMs (915-1,042 vs 689-700 us, `small`'s second conv, one block)
+#: and no faster elsewhere, ``beta=1`` included (bench/bench_blas.py, RESULTS.md).
 gemm = np.matmul
 
 
@@ -356,26 +376,5 @@ def full_corr(dyp: np.ndarray, W: np.ndarray, x_shape: tuple, ws: Workspace, blo
     return dx.reshape(x_shape)
 
 
-def col2im(dy2: np.ndarray, W: np.ndarray, x_shape: tuple, stride: int, pads: tuple,
-           oh: int, ow: int) -> np.ndarray:
-    """dx ``x_shape = (m, h, w, c_in)`` in general: dcols = dy2 @ W^T, with dy2
-    ``(m*oh*ow, c_out)``, scattered back onto the input pixels."""
-    m, h, w, c = x_shape
-    f, s, k = W.shape[0], stride, W.shape[3]
-    t, btm, l, r = pads
-    dcols = gemm(dy2, W.reshape(f * f * c, k).T).reshape(m, oh, ow, f, f * c)
-    dxp = np.zeros((m, h + t + btm, w + l + r, c), dy2.dtype)
-    # Output pixel (y, x) read the input row s*y + i, columns s*x .. s*x + f - 1:
-    # f*c contiguous values, matching dcols[:, y, x, i]. Those runs overlap for
-    # neighbouring x, but not for x that differ by g = ceil(f / s), so each
-    # (i, x mod g) is one += of disjoint runs (no np.add.at needed), whose
-    # inner loop is f*c values long, not c as with one += per kernel offset.
-    g = -(-f // s)
-    sm, sh, sw, sc = dxp.strides
-    for i in range(f):
-        for q in range(min(g, ow)):
-            nx = len(range(q, ow, g))
-            target = as_strided(dxp[:, i:, s * q:], shape=(m, oh, nx, f * c),
-                                strides=(sm, s * sh, s * g * sw, sc))
-            target += dcols[:, :, q::g, i, :]
-    return dxp[:, t:t + h, l:l + w, :]
+# col2im lives in its own module (it outgrew this one); it is part of this module's interface.
+from .col2im import col2im, col2im_hwn  # noqa: E402

@@ -4,7 +4,8 @@ step each, and the plan that puts them in place of the layers.
 The fused steps give the same numbers as the layers one by one (up to the
 order of float sums; tests/test_fastpaths.py) and never write their caller's
 arrays. They share the layers' parameter views and the conv layer's workspace,
-and run the convolution through `dpcnn.conv_kernels`.
+and run the convolution through `dpcnn.conv_kernels`, or `dpcnn.winograd` where
+`dpcnn.winograd.chosen` says so for the conv's shape (with a fused 2x2 pool).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import conv_kernels as ck
+from . import winograd as wg
+from .col2im import scratch
 from .conv_kernels import TUNING, Workspace
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
 from .norm import BatchNorm, Dropout
@@ -41,6 +44,9 @@ class ConvReLU:
       pooling is k*k - 1 elementwise ops on contiguous blocks, and its backward
       one multiply by the stored masks, never the strided passes (inner loop =
       c_out floats) of a separate pool layer.
+    * Winograd F(2x2, 3x3) (3x3 stride-1 convs with a 2x2 pool, chosen by shape): its output comes in
+      tile-slot order, which is the pool-slot order, and it keeps the transformed input tiles
+      (``(16, m*oh*ow/4, c_in)``, 4/9 of the patch matrix) for backward instead of any patches.
     * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
       smaller) array. The stored mask of slot s is "z_s is the window's first
       maximum and that maximum is > 0", the product of the max-pool routing and
@@ -86,17 +92,23 @@ class ConvReLU:
         oh, ow, c_out = conv.output_shape(x.shape[1:])
         fold = TUNING.fold_bias
         Wm = ck.filter_matrix(W, bias, fold)
-        # A private copy even without padding: backward recomputes patches from it.
-        xp = ck.pad(x, conv.pads(h, w), conv.workspace, copy=True)
+        # Winograd with a fused 2x2 pool only: its slot order is then the pool-slot order.
+        wino = k == 2 and wg.chosen(conv.kernel_size, conv.stride, conv.in_channels, c_out)
+        pads = wg.tile_pads(conv.pads(h, w), oh, ow) if wino else conv.pads(h, w)
+        # A private copy even without padding: backward recomputes patches from it. (Winograd: column planes.)
+        xp = wg.pad_planes(x, pads, conv.workspace) if wino else ck.pad(x, pads, conv.workspace, copy=True)
         nb = self._block(m, oh, ow, Wm.shape[0], x.itemsize)
         shape = (m, (oh // k) * (ow // k), c_out)
         y = self.workspace.get("y", shape, x.dtype) if self.reuse_output else np.empty(shape, x.dtype)
         # (Kept in eval mode too: a backward after forward(train=False) works, as for the layers.)
         masks = self.workspace.get("masks", (m * oh * ow * c_out,), np.bool_)
         # Keep every block's patches for backward when they are small, else recompute them.
-        store = m * oh * ow * Wm.shape[0] * x.itemsize <= TUNING.store_cols_bytes
+        limit = TUNING.store_cols_t_bytes if conv.transposed_cols else TUNING.store_cols_bytes
+        store = m * oh * ow * Wm.shape[0] * x.itemsize <= limit
         rows = oh * ow
-        return SimpleNamespace(
+        U = wg.filters(W) if wino else None
+        V = conv.workspace.get("wino_V", (16, m * rows // 4, conv.in_channels), x.dtype) if wino else None
+        return SimpleNamespace(wino=wino, U=U, V=V,
             x_shape=x.shape, xp=xp, fold=fold, Wm=Wm, bias=bias, oh=oh, ow=ow, c_out=c_out, kk=k * k, nb=nb,
             y=y, masks=masks, store=store, rows=rows, blocks=[(a, min(a + nb, m)) for a in range(0, m, nb)],
             block_masks=lambda a, b: masks[a * rows * c_out:b * rows * c_out].reshape(k * k, -1, c_out))
@@ -115,13 +127,24 @@ class ConvReLU:
                     fresh: bool = True) -> np.ndarray:
         """Conv output ``((b-a)*oh*ow, c_out)`` of examples a:b, rows in pool-slot order, into ``out``
         (default: this step's block buffer); ``fresh``: see `_cols`."""
-        A = self._cols(f, a, b, fresh)
         if out is None:
-            out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:A.shape[0]]
+            out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:(b - a) * f.rows]
+        if f.wino:  # V of the block, kept for backward; the output in (pool-)slot order
+            V = self._tiles(f, a, b)
+            if fresh:
+                wg.transform_input(f.xp[:, a:b], V, self.conv.workspace)
+            return wg.conv_slots(V, f.U, f.bias, out, self.conv.workspace)
+        A = self._cols(f, a, b, fresh)
         ck.gemm(A, f.Wm, out=out)
         if not f.fold:
             out += f.bias
         return out
+
+    @staticmethod
+    def _tiles(f: SimpleNamespace, a: int, b: int) -> np.ndarray:
+        """Winograd's transformed input tiles of examples a:b, ``(16, (b-a)*oh*ow/4, c_in)`` (a view of f.V)."""
+        t = f.rows // 4
+        return f.V[:, a * t:b * t]
 
     def _finish(self, f: SimpleNamespace) -> np.ndarray:
         """Keep what backward needs; the output as ``(m, qh, qw, c_out)``."""
@@ -194,7 +217,7 @@ class ConvReLU:
 
     def _start_backward(self, f: SimpleNamespace) -> SimpleNamespace:
         """The input gradient's buffers: dx ``(m, h, w, c_in)`` (None for a first layer) and the padded
-        dz of the full correlation, or the NHWC dz that col2im scatters."""
+        dz of the full correlation (col2im and Winograd need no buffer here)."""
         conv = self.conv
         g = SimpleNamespace(dx=None)
         if conv.needs_input_grad:
@@ -203,15 +226,18 @@ class ConvReLU:
             g.full = ck.full_corr_ok(conv.kernel_size, conv.stride, g.pads, h, w, f.oh, f.ow)
             # Reused: within a Model dx only ever goes to the step below's backward.
             g.dx = self.workspace.get("dx", f.x_shape, f.xp.dtype)
-            if g.full:
+            if f.wino:
+                g.full = False
+            elif g.full:
                 g.dyp, g.inner = ck.dy_padded(conv.W, f.nb, f.oh, f.ow, g.pads, conv.workspace)
-            else:
-                g.d = self.workspace.get("dz_nhwc", (f.nb, f.oh, f.ow, f.c_out), f.xp.dtype)
         return g
 
     def _block_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
         """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz."""
         conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
+        if f.wino:
+            self._wino_backward(f, g, a, b, dzb)
+            return
         ck.param_grads(self._cols(f, a, b), dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
         if g.dx is None:
             return
@@ -220,11 +246,22 @@ class ConvReLU:
             self._to_nhwc(dzb, g.inner[:n], n, oh, ow)
             ck.full_corr(g.dyp[:n], conv.W, (n, h, w, c), conv.workspace, TUNING.block_bytes, out=g.dx[a:b])
         else:
-            self._to_nhwc(dzb, g.d[:n], n, oh, ow)
-            g.dx[a:b] = ck.col2im(g.d[:n].reshape(-1, f.c_out), conv.W, (n, h, w, c), conv.stride, g.pads, oh, ow)
+            dzp = scratch(conv.workspace, "dz_hwn", (oh, ow, n, f.c_out), dzb.dtype)
+            self._to_nhwc(dzb, dzp.transpose(2, 0, 1, 3), n, oh, ow)  # (examples innermost: see col2im_hwn)
+            ck.col2im_hwn(dzp, conv.W, (n, h, w, c), conv.stride, g.pads, conv.workspace, out=g.dx[a:b])
+
+    def _wino_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
+        """`_block_backward` of a Winograd step: dz ``((b-a)*oh*ow, c_out)`` is in slot order already."""
+        conv, ws = self.conv, self.conv.workspace
+        dz = dzb.reshape(4, -1, f.c_out)
+        dYt = wg.transform_grad(dz, ws)
+        wg.filter_grads(self._tiles(f, a, b), dYt, dz, conv.dW, conv.db, ws, accumulate=a > 0)
+        if g.dx is not None:
+            planes = wg.input_grad(dYt, f.U, b - a, f.oh // 2, f.ow // 2, ws)
+            wg.crop_planes(planes, g.pads, g.dx[a:b])
 
     def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
-        """Write dz (rows in pool-slot order when k > 1) into the NHWC array ``out``."""
+        """Write dz (rows in pool-slot order when k > 1) into the NHWC array (or view) ``out``."""
         k, c_out = self.k, self.conv.out_channels
         if k == 1:
             out[...] = dz.reshape(m, oh, ow, c_out)

@@ -60,7 +60,7 @@ class ConvBNReLU(ConvReLU):
         conv, bn, m = self.conv, self.bn, x.shape[0]
         self._pass = bp = BatchPass(bn.running_mean.copy(), bn.eps)
         f = self._start(x, conv.W, conv.b - bp.shift)  # the GEMM gives zc = z - running mean
-        f.gram = f.fold and not conv.needs_input_grad
+        f.gram = f.fold and not conv.needs_input_grad and not f.wino  # (Winograd has no patches)
         self._statistics(f, bp)
         bn.record(*bp.finish(bn.gamma, bn.beta), m * f.rows, m)
         self._normalise(f, bp)

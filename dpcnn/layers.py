@@ -12,11 +12,9 @@ points them at views of one flat parameter buffer and one flat gradient buffer,
 so a backward pass writes the gradients straight into the buffer that the
 allreduce and the optimizer use.
 
-Speed (bench/RESULTS.md): the convolution's im2col / col2im / full-correlation
-kernels live in `dpcnn.conv_kernels`, layers reuse their work arrays across
-steps, and the Model runs conv-relu[-pool] and dense-relu as fused steps
-(`dpcnn.fused`) that give the same numbers as the layers one by one; layers
-never write their caller's arrays.
+Speed (bench/RESULTS.md): the conv kernels live in `dpcnn.conv_kernels` (and
+`dpcnn.winograd`), layers reuse work arrays across steps, the Model runs fused
+steps (`dpcnn.fused`, the same numbers); layers never write their caller's arrays.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import math
 import numpy as np
 
 from . import conv_kernels as ck
+from . import winograd as wg
 from .conv_kernels import TUNING, Workspace, conv_output_size, same_padding
 
 __all__ = ["Layer", "Conv2D", "ReLU", "MaxPool2D", "AvgPool2D", "Flatten", "Dense", "SoftmaxCrossEntropy",
@@ -117,6 +116,10 @@ class Conv2D(Layer):
     def forward(self, x, train=True):
         m, h, w, c = x.shape
         oh, ow, _ = self.output_shape((h, w, c))
+        if wg.chosen(self.kernel_size, self.stride, c, self.out_channels):  # F(2x2, 3x3), dpcnn.winograd
+            y, wino = wg.layer_forward(x, self.W, self.b, self.pads(h, w), self.workspace)
+            self._cache = (x.shape, wino, None, (oh, ow))
+            return y
         fold = TUNING.fold_bias
         Wm = ck.filter_matrix(self.W, self.b, fold)
         xp = ck.pad(x, self.pads(h, w), self.workspace)
@@ -130,6 +133,8 @@ class Conv2D(Layer):
 
     def backward(self, dy):
         x_shape, A, fold, (oh, ow) = self._cache
+        if fold is None:  # the forward ran as Winograd: A is its cache
+            return wg.layer_backward(A, dy, x_shape, self.dW, self.db, self.needs_input_grad, self.workspace)
         m, h, w, _ = x_shape
         dy2 = dy.reshape(-1, self.out_channels)
         ck.param_grads(A, dy2, self.dW, self.db, fold, self.workspace)
@@ -137,13 +142,11 @@ class Conv2D(Layer):
             return None
         pads = self.pads(h, w)
         if ck.full_corr_ok(self.kernel_size, self.stride, pads, h, w, oh, ow):
-            # Stride 1: dx is the "full" correlation of dy with the flipped
-            # filters, i.e. one more im2col + GEMM. Cheaper than scattering
-            # f*f strided slices back (col2im).
+            # Stride 1: dx is the "full" correlation of dy with the flipped filters (im2col + GEMM).
             dyp, interior = ck.dy_padded(self.W, m, oh, ow, pads, self.workspace)
             interior[...] = dy
             return ck.full_corr(dyp, self.W, x_shape, self.workspace, TUNING.block_bytes)
-        return ck.col2im(dy2, self.W, x_shape, self.stride, pads, oh, ow)
+        return ck.col2im(dy2, self.W, x_shape, self.stride, pads, oh, ow, self.workspace)
 
     def __repr__(self):
         return (f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

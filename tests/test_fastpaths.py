@@ -66,6 +66,23 @@ def test_one_channel_transposed_im2col_matches_generic(k, stride, padding):
     assert_passes_close(fast, general)
 
 
+@pytest.mark.parametrize("f, pool, padding, hw", [(3, 2, "same", (8, 10)), (5, 2, 2, (12, 8)), (2, 2, "valid", (9, 7)),
+                                                (3, 3, "same", (9, 12)), (5, 2, 1, (11, 9)), (4, 2, 1, (9, 9))])
+def test_one_channel_slot_ordered_im2col_matches_generic(f, pool, padding, hw):
+    """The parity-plane copies of the transposed one-channel im2col in pool-slot order (odd padded sizes too)."""
+    conv = make_conv(1, 2, f, 1, padding)
+    x = RNG.standard_normal((3, *hw, 1))
+    oh, ow, _ = conv.output_shape(x.shape[1:])
+    oh, ow = oh - oh % pool, ow - ow % pool  # whole pool windows
+    xp = ck.pad(x, conv.pads(*hw), ck.Workspace(), copy=True)[:, :oh + f - 1, :ow + f - 1]
+    fast = ck.im2col(xp, f, 1, oh, ow, ck.Workspace(), pool, fold=True, transposed=True)
+    general = ck.im2col(xp, f, 1, oh, ow, ck.Workspace(), pool, fold=True, transposed=False)
+    np.testing.assert_array_equal(fast, general)
+    cap = ck.im2col(xp, f, 1, oh, ow, ck.Workspace(), pool, fold=True, transposed=True, cap=5 * oh * ow,
+                    row0=2 * oh * ow)  # rows of a bigger buffer, as the fused step keeps them
+    np.testing.assert_array_equal(cap, general)
+
+
 @pytest.mark.parametrize("cin", [1, 3])
 def test_folded_bias_matches_separate_bias_add(cin):
     conv = make_conv(cin, 4, 3)
@@ -338,7 +355,8 @@ def test_fused_blocks_and_stored_patches_match_one_block(name):
     y = rng.integers(0, 10, 7)
 
     def grads(block_bytes, store_bytes):
-        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes):
+        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes,
+                             store_cols_t_bytes=store_bytes):
             model = Model.from_config(spec(name), dtype=np.float64, seed=8)
             loss, _ = model.loss_and_grads(x, y)
         return loss, model.grads.copy()
