@@ -238,10 +238,12 @@ step.reduce(dist)
 cfg = OmegaConf.create({{"optimizer": {{"lr": 0.1}}, "trainer": {{"checkpoint": True}}}})
 try:
     raise_if_failed(step, Position(), cfg, "run")
-    print("finite", float(step.grad[5]))
+    said = f"finite {{float(step.grad[5])}}"
 except Diverged as e:
-    print("diverged:", e)
+    said = f"diverged: {{e}}"
 assert np.array_equal(model.params, before)
+sys.stdout.write(said + "\n")  # one write per rank: lines of two ranks do not interleave
+sys.stdout.flush()
 """
 
 
