@@ -37,7 +37,6 @@ import numpy as np
 
 #: ``trainer.grad_compression`` values.
 WIRES = ("none", "fp16", "bf16")
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def half_encode(x: np.ndarray) -> np.ndarray:
@@ -127,8 +126,8 @@ class Reducer:
 
     ``buf`` is the step buffer (gradients then slots), ``trainable`` the length of its
     compressible front, ``wire`` one of `WIRES`, ``overlap`` whether buckets start during
-    backward (else all start at `finish`). `times` keeps this step's bucket start and
-    completion stamps for the timeline.
+    backward (else all start at `finish`). ``start_times`` / ``done_times`` keep this step's
+    bucket stamps for the timeline.
     """
 
     def __init__(self, dist, buf: np.ndarray, buckets: list[tuple[int, int]], trainable: int,
@@ -140,7 +139,6 @@ class Reducer:
         self.residual = np.zeros(trainable, np.float32) if self.wire else None
         self._wires = [np.empty(hi - lo, np.uint16) for lo, hi in buckets] if self.wire else None
         self.comm = dist.side_comm() if self.wire else None  # the rings' own (every rank builds a Reducer)
-        self.scale = 1.0
         self.begin()
 
     def begin(self, scale: float = 1.0) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .buckets import WIRES
 from .errors import ConfigError
 
 
@@ -154,7 +155,7 @@ _SCHEMAS = {c.__name__: c for c in (ModelConf, OptimizerConf, AugmentConf, DataC
 _CHOICES = {"trainer.dtype": ("float32", "float64"), "optimizer.schedule": ("constant", "step", "cosine"),
             "optimizer.algorithm": ("sgd", "adam"),
             "tracking.backend": ("mlflow", "none"), "model.init": ("fan_in_uniform", "he_normal"),
-            "trainer.grad_compression": ("none", "fp16", "bf16")}
+            "trainer.grad_compression": WIRES}
 # key: (lowest allowed, whether the bound is inclusive, may it be null, example)
 _RANGES = {
     "trainer.epochs": (1, True, False, 10), "trainer.max_steps": (1, True, True, 100),
