@@ -11,13 +11,25 @@ interleaved; each figure is the median over windows of img/s by CPU time of
 this thread (steady on a shared machine) and by wall time. Also the
 evaluation img/s (batch 1000), where batch norm is folded into the conv.
 Prints a table and writes bench/norm.json.
+
+    python bench/bench_norm.py --ranks 2 [--rounds 3 --epochs 6]
+
+The same comparison as users train: ``mpirun -n 2 python -m dpcnn.train`` on
+mnist-5k (``DPCNN_DATA_DIR`` or ../shared/data/mnist-5k), `small` as it
+trains by default, `small` with ``trainer.micro_batch=32`` and `small_bn`
+(which needs it) with the same, the runs interleaved over ``--rounds``; each
+figure is the median over rounds and epochs (the first of each run left out)
+of the trainer's img/s in steps. Writes bench/norm_ranks.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +39,7 @@ from common import machine, model_spec, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from dpcnn import checkpoint  # noqa: E402
 from dpcnn.model import Model  # noqa: E402
 from dpcnn.optim import SGD  # noqa: E402
 from dpcnn.step import StepBuffer  # noqa: E402
@@ -78,11 +91,49 @@ def measure(fns: dict, per_call: dict, windows: int = 9, reps: int = 8) -> dict:
     return {k: {"cpu_img_s": statistics.median(cpu[k]), "wall_img_s": statistics.median(wall[k])} for k in fns}
 
 
+RANK_VARIANTS = {"small": ["model=small"], "small micro 32": ["model=small", "trainer.micro_batch=32"],
+                 "small_bn micro 32": ["model=small_bn", "trainer.micro_batch=32"]}
+
+
+def train_img_s(ranks: int, overrides: list[str], epochs: int) -> list[float]:
+    """img/s in steps of each epoch after the first, from the run's final checkpoint."""
+    root = Path(__file__).resolve().parent.parent
+    data = os.environ.get("DPCNN_DATA_DIR", str(root.parent / "shared" / "data" / "mnist-5k"))
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", DPCNN_DATA_DIR=data)
+        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(ranks), sys.executable, "-m", "dpcnn.train",
+               *overrides, f"trainer.epochs={epochs}", "tracking=none", "trainer.progress=false",
+               f"hydra.run.dir={tmp}/run"]
+        subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True)
+        history = checkpoint.load(Path(tmp) / "run" / "checkpoints").meta["history"]
+    return [h["img_per_s"] for h in history[1:]]
+
+
+def main_ranks(args) -> None:
+    got = {k: [] for k in RANK_VARIANTS}
+    for r in range(args.rounds):
+        for k, overrides in RANK_VARIANTS.items():
+            got[k] += train_img_s(args.ranks, overrides, args.epochs)
+            print(f"round {r + 1}: {k:<20} {statistics.median(got[k]):>8,.0f} img/s so far", flush=True)
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"\n{args.ranks} ranks, batch 64, mnist-5k: {'img/s':>8}  vs small  vs small micro 32")
+    for k, v in med.items():
+        print(f"{k:<32}{v:>8,.0f}{v / med['small'] - 1:>+10.1%}{v / med['small micro 32'] - 1:>+18.1%}")
+    path = write_json("norm_ranks.json", {"machine": machine(), "ranks": args.ranks, "epochs": args.epochs,
+                                          "rounds": args.rounds, "img_s": got, "median": med})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--micro", type=int, default=32)
+    ap.add_argument("--ranks", type=int, default=None, help="train with mpirun on this many ranks instead")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
     args = ap.parse_args()
+    if args.ranks:
+        return main_ranks(args)
     fns, per_call = {}, {}
     for name in ("small", "small_bn"):
         for micro in (None, args.micro):

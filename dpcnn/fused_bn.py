@@ -32,7 +32,7 @@ import numpy as np
 
 from .fused import ConvReLU
 from .layers import AvgPool2D, Conv2D, MaxPool2D, ReLU
-from .norm import BatchNorm, BatchPass, affine_
+from .norm import BatchNorm, BatchPass, affine_, channelwise, col_dots, col_sums
 
 __all__ = ["ConvBNReLU"]
 
@@ -74,9 +74,8 @@ class ConvBNReLU(ConvReLU):
             bp.n, bp.sums[0], bp.sums[1] = f.x_shape[0] * f.rows, f.G[-1] @ W, np.sum(W * (f.G @ W), axis=0)
             return
         f.zc = self.workspace.get("zc", (f.x_shape[0] * f.rows, f.c_out), f.xp.dtype)
-        tmp = self.workspace.get("tmp", (f.nb * f.rows, f.c_out), f.xp.dtype)
         for a, b in f.blocks:  # while the block is in cache
-            bp.sums_(self._conv_block(f, a, b, out=f.zc[a * f.rows:b * f.rows]), tmp[:(b - a) * f.rows])
+            bp.sums_(self._conv_block(f, a, b, out=f.zc[a * f.rows:b * f.rows]))
 
     def _gram(self, f: SimpleNamespace, a: int, b: int) -> np.ndarray:
         """P^T P of the patches of examples a:b (made now, kept if they fit), float64 ``(K+1, K+1)``."""
@@ -87,7 +86,18 @@ class ConvBNReLU(ConvReLU):
         """Pass 2: y = pool(relu(zc * scale + shift)) block by block, or relu(scale * max(zc) + shift)."""
         scale, shift = bp.affine
         pool_first = self.k > 1 and not self.avg and bool(np.all(scale.v > 0))
-        tmp = None if f.gram else self.workspace["tmp"]
+        tmp = None if f.gram else self._tmp(f)
+        # Pool first (not the Gram path): keep the window maxima of zc and where y > 0 for backward.
+        f.pooled, pr = pool_first and not f.gram, f.rows // f.kk
+        if f.pooled:
+            shape = (f.y.size // f.c_out, f.c_out)
+            f.zmax, f.pos = self.workspace.get("zmax", shape, f.y.dtype), self.workspace.get("pos", shape, np.bool_)
+
+        def after_max(p, a, b):  # p: the window maxima of zc of examples a:b -> their scale and shift, in place
+            if f.pooled:
+                f.zmax[a * pr:b * pr] = p
+            return affine_(p, scale, shift, out=p)
+
         for a, b in f.blocks:
             yb = f.y[a:b].reshape(-1, f.c_out)
             if f.gram:  # zc again, from the kept (or remade) patches
@@ -96,7 +106,9 @@ class ConvBNReLU(ConvReLU):
                 zb = f.zc[a * f.rows:b * f.rows]
             if pool_first:
                 self._pool_relu(zb.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b),
-                                after_max=lambda p: affine_(p, scale, shift, out=p))
+                                after_max=lambda p: after_max(p, a, b))
+                if f.pooled:
+                    np.greater(yb, 0, out=f.pos[a * pr:b * pr])
                 continue
             u = affine_(zb, scale, shift, out=yb if self.k == 1 else zb if f.gram else tmp[:len(zb)])
             self._pool_relu(u.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
@@ -110,15 +122,39 @@ class ConvBNReLU(ConvReLU):
         if f.gram:
             return self._gram_backward(f, bp, dy, dz)
         g = self._start_backward(f)
-        zc, tmp = f.zc, self.workspace["tmp"]
+        zc, tmp = f.zc, self._tmp(f)
+        if f.pooled:
+            return self._pooled_backward(f, bp, g, dy, dz)
         for a, b in f.blocks:  # the sums of dy and dy * zc ...
             n = (b - a) * rows
-            bp.grad_sums_(self._masked_grad(f, dy, a, b, out=dz[:n]), zc[a * rows:b * rows], tmp[:n])
+            bp.grad_sums_(self._masked_grad(f, dy, a, b, out=dz[:n]), zc[a * rows:b * rows])
         self.bn.dgamma[...], self.bn.dbeta[...] = bp.finish_backward()
         for a, b in f.blocks:  # ... then dz block by block (the masked dy again: cheaper than keeping it)
             n = (b - a) * rows
             dzb = self._masked_grad(f, dy, a, b, out=dz[:n])
             bp.input_grad_(dzb, zc[a * rows:b * rows], tmp[:n])
+            self._block_backward(f, g, a, b, dzb)
+        return g.dx
+
+    def _tmp(self, f: SimpleNamespace) -> np.ndarray:
+        """Scratch of a block's conv output ``(block rows, c_out)``."""
+        return self.workspace.get("tmp", (f.nb * f.rows, f.c_out), f.xp.dtype)
+
+    def _pooled_backward(self, f: SimpleNamespace, bp: BatchPass, g: SimpleNamespace, dy: np.ndarray,
+                         dz: np.ndarray) -> np.ndarray | None:
+        """Max pooled first: of the conv output only the window maxima that are > 0 after the map get dy,
+        so the sums of dy and dy * zc are sums over the k*k times smaller pooled arrays, and dy * A is
+        made there too before it is routed to the maxima; only dz += zc * B + C runs at full size."""
+        rows, c = f.rows, f.c_out
+        d = np.multiply(dy.reshape(-1, c), f.pos, out=self.workspace.get("dpool", f.pos.shape, f.zmax.dtype))
+        bp.grads[0] += col_sums(d)
+        bp.grads[1] += col_dots(d, f.zmax)
+        self.bn.dgamma[...], self.bn.dbeta[...] = bp.finish_backward()
+        channelwise(np.multiply, d, bp.input_map[0], out=d)
+        for a, b in f.blocks:
+            n = (b - a) * rows
+            dzb = self._masked_grad(f, d, a, b, out=dz[:n])
+            bp.input_grad_(dzb, f.zc[a * rows:b * rows], self._tmp(f)[:n], scaled=True)
             self._block_backward(f, g, a, b, dzb)
         return g.dx
 

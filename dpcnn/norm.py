@@ -19,6 +19,7 @@ stays what a single process would do (README, "Dropout and BatchNorm"):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,30 +27,38 @@ import numpy as np
 from .conv_kernels import Workspace
 from .layers import Layer
 
-__all__ = ["Dropout", "BatchNorm", "BatchPass", "Cols", "dropout_scale", "affine_", "channelwise"]
+__all__ = ["Dropout", "BatchNorm", "BatchPass", "Cols", "dropout_scale", "affine_", "channelwise", "col_sums", "col_dots"]
 
 
 def dropout_scale(seed: int, step: int, key: int, start: int, shape: tuple, rate: float, dtype) -> np.ndarray:
     """The multiplier of inverted dropout, ``(m, *units)``: 0 for a dropped unit, 1/(1 - rate) for a kept one.
 
     Row i belongs to the example at position ``start + i`` of its global batch.
-    Every (step, layer ``key``) has its own PCG64 stream, seeded from ``seed``,
-    read as 16-bit numbers (four per 64-bit draw); example p's u units are
-    numbers p*u ... p*u + u - 1 of it, so any rank reads any run of examples by
-    jumping ahead (``advance``) to its first draw, whatever the world size. A
-    unit is kept when its number is >= rate * 2**16 (the rate is rounded to a
-    multiple of 2**-16).
+    Every (``seed``, layer ``key``) has a PCG64 stream; step s reads it from
+    number s * 2**64 on, as 16-bit numbers (four per 64-bit draw); example p's u
+    units are numbers p*u ... p*u + u - 1 of the step's part, so any rank reads
+    any run of examples by jumping ahead (``advance``) to its first draw,
+    whatever the world size. A unit is kept when its number is >= rate * 2**16
+    (the rate is rounded to a multiple of 2**-16).
     """
-    m, units = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    m, units = shape[0], math.prod(shape[1:])
     first, count = start * units, m * units
-    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**63, step, key]))
-    bits.advance(first // 4)
+    bits, state = _stream(seed, key)
+    bits.state = state  # (setting a state and jumping: a tenth of the cost of seeding a new generator)
+    bits.advance(step * 2**64 + first // 4)
     skip = first % 4
     raw = np.asarray(bits.random_raw(-(-(skip + count) // 4)), "<u8").view("<u2")[skip:skip + count]
     drop = min(round(rate * 65536), 65535)
     scale = (raw >= drop).astype(dtype)
     scale *= dtype.type(65536 / (65536 - drop))
     return scale.reshape(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream(seed: int, key: int) -> tuple[np.random.PCG64, dict]:
+    """The generator of layer ``key``'s masks, and its initial state (`dropout_scale` resets it each call)."""
+    bits = np.random.PCG64(np.random.SeedSequence([seed % 2**63, key]))
+    return bits, bits.state
 
 
 class Dropout(Layer):
@@ -90,16 +99,20 @@ class Cols:
     ``(n/r, r*c)`` with v tiled r times, the inner loop is ~512 values long.
     """
 
-    def __init__(self, v: np.ndarray):
-        self.v, self._tiles = v, {}
+    def __init__(self, v: np.ndarray, dtype=None):
+        """``dtype``: that of the tiles (default v's); v may be a float64 vector for float32 arrays."""
+        self.v, self.dtype, self._tiles = v, np.dtype(dtype or v.dtype), {}
 
     def wide(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """a ``(n, c)`` as ``(n/r, r*c)`` and v tiled r times."""
         n, c = a.shape
         r = math.gcd(n, max(1, 512 // c))
-        if r not in self._tiles:
-            self._tiles[r] = np.tile(self.v, r)
-        return a.reshape(n // r, r * c), self._tiles[r]
+        t = self._tiles.get(r)
+        if t is None:  # (an assignment that broadcasts and casts: a tenth of np.tile's overhead)
+            t = self._tiles[r] = np.empty((r, c), self.dtype)
+            t[...] = self.v
+            t.shape = (r * c,)
+        return a.reshape(n // r, r * c), t
 
 
 def channelwise(op, a: np.ndarray, v: Cols | np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -108,10 +121,19 @@ def channelwise(op, a: np.ndarray, v: Cols | np.ndarray, out: np.ndarray) -> np.
     return op(wa, wv, out=out.reshape(wa.shape)).reshape(a.shape)
 
 
-def _col_sums(a: np.ndarray) -> np.ndarray:
+def col_sums(a: np.ndarray) -> np.ndarray:
     """Column sums of a ``(n, c)``, as one matrix-vector product (a reduction over axis 0 of a few
     columns is an order of magnitude slower in NumPy)."""
     return np.ones(a.shape[0], a.dtype) @ a
+
+
+def col_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Column sums of a * b ``(n, c)``, float64 ``(c,)``: one einsum over the `Cols` wide view (no
+    product array; 0.5-0.7x the time of the product and `col_sums`, measured on batch norm's shapes)."""
+    n, c = a.shape
+    r = math.gcd(n, max(1, 512 // c))
+    wide = np.einsum("ij,ij->j", a.reshape(n // r, r * c), b.reshape(n // r, r * c))
+    return wide.reshape(r, c).sum(axis=0, dtype=np.float64)
 
 
 def affine_(x: np.ndarray, s: Cols | np.ndarray, t: Cols | np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -137,26 +159,27 @@ class BatchPass:
         self.shift, self.eps = shift, eps
         self.n, self.sums, self.grads = 0, np.zeros((2, len(shift))), np.zeros((2, len(shift)))
 
-    def sums_(self, zc: np.ndarray, tmp: np.ndarray) -> None:
-        """Add up the column sums and sums of squares of zc ``(rows, c)`` (tmp: scratch like zc)."""
+    def sums_(self, zc: np.ndarray) -> None:
+        """Add up the column sums and sums of squares of zc ``(rows, c)``."""
         self.n += zc.shape[0]
-        self.sums[0] += _col_sums(zc)
-        self.sums[1] += _col_sums(np.multiply(zc, zc, out=tmp))
+        self.sums[0] += col_sums(zc)
+        self.sums[1] += col_dots(zc, zc)
 
     def finish(self, gamma: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The batch's (mean, biased variance), ``(c,)`` each; sets ``affine`` = (a, c) of y = zc * a + c."""
-        dt, n = self.shift.dtype, max(self.n, 1)
-        self.delta = self.sums[0] / n  # mean - shift
-        var = np.maximum(self.sums[1] / n - self.delta ** 2, 0)
-        self.inv = 1 / np.sqrt(var + self.eps)
+        dt = self.shift.dtype
+        self.delta, var = self.sums / max(self.n, 1)  # mean - shift, and the mean of zc**2 ...
+        var -= self.delta * self.delta  # ... minus delta**2 (a view of a fresh array: ours)
+        np.maximum(var, 0, out=var)
+        self.inv = (var + self.eps) ** -0.5
         self.k = gamma * self.inv  # (float64)
-        self.affine = Cols(self.k.astype(dt)), Cols((beta - self.delta * self.k).astype(dt))
+        self.affine = Cols(self.k, dt), Cols(beta - self.delta * self.k, dt)
         return (self.shift + self.delta).astype(dt), var.astype(dt)
 
-    def grad_sums_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray) -> None:
+    def grad_sums_(self, d: np.ndarray, zc: np.ndarray) -> None:
         """Add up the column sums of dy and of dy * zc, ``(rows, c)`` each."""
-        self.grads[0] += _col_sums(d)
-        self.grads[1] += _col_sums(np.multiply(d, zc, out=tmp))
+        self.grads[0] += col_sums(d)
+        self.grads[1] += col_dots(d, zc)
 
     def finish_backward(self) -> tuple[np.ndarray, np.ndarray]:
         """(dgamma, dbeta), ``(c,)`` each; sets dz = dy * A + zc * B + C, which is the batch-norm backward
@@ -165,13 +188,14 @@ class BatchPass:
         dgamma = self.inv * (self.grads[1] - self.delta * dbeta)
         b = -self.k * self.inv * dgamma / n
         self.input_map64 = (self.k, b, -b * self.delta - self.k * dbeta / n)
-        self.input_map = tuple(Cols(v.astype(dt)) for v in self.input_map64)
+        self.input_map = tuple(Cols(v, dt) for v in self.input_map64)
         return dgamma.astype(dt), dbeta.astype(dt)
 
-    def input_grad_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray) -> None:
-        """d ``(rows, c)`` = dL/dy -> dL/dz, in place."""
+    def input_grad_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray, scaled: bool = False) -> None:
+        """d ``(rows, c)`` = dL/dy -> dL/dz, in place (``scaled``: d is dL/dy * A already)."""
         A, B, C = self.input_map
-        channelwise(np.multiply, d, A, out=d)
+        if not scaled:
+            channelwise(np.multiply, d, A, out=d)
         d += channelwise(np.multiply, zc, B, out=tmp)
         channelwise(np.add, d, C, out=d)
 
@@ -206,6 +230,7 @@ class BatchNorm(Layer):
         self.batch_mean, self.batch_var = np.zeros(c, dtype), np.zeros(c, dtype)
         self.needs_input_grad = True
         self.workspace = Workspace()
+        self._pass = self._rows = None
 
     def reset(self) -> None:
         """Initial values: gamma 1, beta 0, running mean 0, running variance 1."""
@@ -236,22 +261,52 @@ class BatchNorm(Layer):
     def forward(self, x, train=True):
         c = self.num_features
         x2 = x.reshape(-1, c)
+        self._pass = self._rows = None
         if not train:
-            self._pass = None
             return affine_(x2, *self.scale_shift(), out=np.empty_like(x2)).reshape(x.shape)
-        self._pass = bp = BatchPass(_col_sums(x2) / x.dtype.type(max(len(x2), 1)), self.eps)
+        if x.ndim == 2:
+            return self._forward_rows(x)
+        self._pass = bp = BatchPass(col_sums(x2) / x.dtype.type(max(len(x2), 1)), self.eps)
         zc = channelwise(np.subtract, x2, bp.shift, out=self.workspace.get("zc", x2.shape, x.dtype))
-        bp.sums_(zc, self.workspace.get("tmp", x2.shape, x.dtype))
+        bp.sums_(zc)
         self.record(*bp.finish(self.gamma, self.beta), len(x2), x.shape[0])
         return affine_(zc, *bp.affine, out=np.empty_like(x2)).reshape(x.shape)
 
+    def _forward_rows(self, x: np.ndarray) -> np.ndarray:
+        """Training on x ``(m, features)``, in float64: a dozen small operations. (`BatchPass`'s blocked
+        passes pay on conv outputs of m*h*w rows; on `small_bn`'s dense layer these take half its time.)"""
+        m = len(x)
+        z = x.astype(np.float64)
+        mean = z.mean(axis=0)
+        z -= mean
+        var = np.einsum("ij,ij->j", z, z) / m
+        inv = (var + self.eps) ** -0.5
+        z *= inv  # x_hat
+        self._rows = z, inv
+        self.record(mean, var, m, m)
+        return (z * self.gamma + self.beta).astype(x.dtype)
+
+    def _backward_rows(self, dy: np.ndarray) -> np.ndarray:
+        """dx = gamma * inv * (dy - mean(dy) - x_hat * mean(dy * x_hat)), float64 as the forward."""
+        xhat, inv = self._rows
+        d = dy.astype(np.float64)
+        dbeta, dgamma = d.sum(axis=0), np.einsum("ij,ij->j", d, xhat)
+        self.dgamma[...], self.dbeta[...] = dgamma, dbeta
+        m = len(d)
+        d -= dbeta / m
+        d -= xhat * (dgamma / m)
+        d *= self.gamma * inv
+        return d.astype(dy.dtype)
+
     def backward(self, dy):
+        if self._rows is not None:
+            return self._backward_rows(dy)
         bp = self._pass
         if bp is None:  # after an evaluation forward: the fixed map x * s + t
             return dy * self.scale_shift()[0]
         d = dy.reshape(-1, self.num_features).copy()
-        zc, tmp = self.workspace["zc"], self.workspace["tmp"]
-        bp.grad_sums_(d, zc, tmp)
+        zc, tmp = self.workspace["zc"], self.workspace.get("tmp", d.shape, d.dtype)
+        bp.grad_sums_(d, zc)
         self.dgamma[...], self.dbeta[...] = bp.finish_backward()
         bp.input_grad_(d, zc, tmp)
         return d.reshape(dy.shape)
