@@ -17,7 +17,7 @@ import logging
 import os
 
 from .dist import Dist
-from .tracking import default_uri
+from .tracking import default_uri, finish_sampler
 
 log = logging.getLogger("dpcnn")
 _RUNNING: list["HostMetrics"] = []
@@ -67,10 +67,7 @@ class HostMetrics:
         """Stop sampling. Called once rank 0 has ended the run (`finish_all`), so a host samples the
         whole run, its end phase included, not only its own part of the training."""
         if self.monitor is not None:
-            try:
-                self.monitor.finish()
-            except Exception as e:  # noqa: BLE001
-                log.warning("stopping the system metrics sampler failed: %s", e)
+            finish_sampler(self.monitor)
             self.monitor = None
 
 

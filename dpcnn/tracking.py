@@ -66,6 +66,26 @@ class _Unreachable:
         return lambda *args, **kwargs: None
 
 
+def finish_sampler(monitor) -> None:
+    """Stop MLflow's system-metrics sampler, and publish its last sample if it never published one.
+
+    MLflow's sampler takes a sample, waits ``sampling_interval``, then publishes; stopped sooner (a run
+    shorter than the interval), it drops the sample it holds and the run has no ``system/*`` metric at
+    all. Here that sample is published at step 0, so every sampled host shows up in every run.
+    """
+    try:
+        monitor.finish()
+        if getattr(monitor, "_logging_step", 1) == 0:  # MLflow's counter of published samples
+            metrics = monitor.aggregate_metrics()
+            if not metrics:  # stopped before its thread took the first sample
+                monitor.collect_metrics()
+                metrics = monitor.aggregate_metrics()
+            monitor.publish_metrics(metrics)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - metrics are not worth a failed run
+        log.warning("stopping the system metrics sampler failed: %s: %s", type(e).__name__, e)
+
+
 class NullTracker:
     """What non-root ranks (and ``tracking=none``) get: every call does nothing."""
 
@@ -315,10 +335,7 @@ class MlflowTracker(NullTracker):
 
     def _stop_system_metrics(self) -> None:
         if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as e:  # noqa: BLE001
-                log.warning("stopping the system metrics sampler failed: %s", e)
+            finish_sampler(self._monitor)
             self._monitor = None
 
     def end(self, status: str = "FINISHED", wait: float | None = None,

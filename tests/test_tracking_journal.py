@@ -212,3 +212,14 @@ def test_model_logged_once_across_a_failed_attempt(tmp_path, empty_store, monkey
     assert len(calls) == 2 and calls[0] == calls[1]  # the same model id, finished
     assert [str(m.status) for m in models] == ["READY"]
     assert MlflowClient(tracker.uri).get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_run_shorter_than_the_sampling_interval_still_has_system_metrics(tmp_path, empty_store):
+    """MLflow's sampler publishes only after a full interval; stopped sooner it used to drop its sample,
+    and a short run (a test, a fast machine) had no system/* metric at all."""
+    tracker, flaky = tracker_on(tmp_path, empty_store)
+    tracker.start_system_metrics(interval=60.0)
+    tracker.end()
+    metrics = flaky.client.get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics, sorted(metrics)
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
