@@ -9,8 +9,9 @@ only once the whole shard is done (and so still carry the stop and error flags
 to every rank at the same step). `Reducer` starts each bucket's non-blocking
 Allreduce as soon as backward has written it (`Reducer.ready`, called by
 `Model.backward` between its steps, which also tests the requests in flight:
-MPICH moves a non-blocking collective only inside MPI calls) and waits for all
-of them before the optimizer step (`Reducer.finish`). The buckets are started
+MPICH moves a non-blocking collective only inside MPI calls; `Reducer.poll`
+tests them inside a convolution's backward too, between its blocks and its
+GEMMs) and waits for all of them before the optimizer step (`Reducer.finish`). The buckets are started
 in the same order on every rank, so they match; each is one MPI SUM, whose
 result is the same on every rank, as the single Allreduce's was.
 
@@ -154,6 +155,11 @@ class Reducer:
         while self.started < len(self.buckets) - 1 and self.buckets[self.started][0] >= offset:
             self._start(self.started)
         self._test()
+
+    def poll(self) -> None:
+        """Inside a long backward step: test the buckets in flight (a no-op before the first starts)."""
+        if self.started:
+            self._test()
 
     def finish(self) -> None:
         """Start every bucket not yet started (the tail last), wait for all, write the sums into ``buf``."""

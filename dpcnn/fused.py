@@ -60,6 +60,9 @@ class ConvReLU:
         self.avg = isinstance(pool, AvgPool2D)
         #: The Model sets this False on its last step: the output is then a fresh array.
         self.reuse_output = True
+        #: Called inside backward between its long parts (the Model's `on_progress`: the step's reduction
+        #: tests the buckets in flight, which MPI moves only inside MPI calls).
+        self.poll = _nothing
         self.layers = (conv, relu) if pool is None else (conv, relu, pool)
         self.workspace = Workspace()
 
@@ -233,14 +236,20 @@ class ConvReLU:
         return g
 
     def _block_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
-        """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz."""
-        conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
+        """Parameter gradients (accumulated over the blocks) and dx of examples a:b from their dz; `poll`
+        after each of the two (a block's backward is a millisecond or more)."""
         if f.wino:
             self._wino_backward(f, g, a, b, dzb)
-            return
+        else:
+            self._direct_backward(f, g, a, b, dzb)
+        self.poll()
+
+    def _direct_backward(self, f: SimpleNamespace, g: SimpleNamespace, a: int, b: int, dzb: np.ndarray) -> None:
+        conv, n, oh, ow = self.conv, b - a, f.oh, f.ow
         ck.param_grads(self._cols(f, a, b), dzb, conv.dW, conv.db, f.fold, conv.workspace, accumulate=a > 0)
         if g.dx is None:
             return
+        self.poll()
         _, h, w, c = f.x_shape
         if g.full:
             self._to_nhwc(dzb, g.inner[:n], n, oh, ow)
@@ -257,6 +266,7 @@ class ConvReLU:
         dYt = wg.transform_grad(dz, ws)
         wg.filter_grads(self._tiles(f, a, b), dYt, dz, conv.dW, conv.db, ws, accumulate=a > 0)
         if g.dx is not None:
+            self.poll()
             planes = wg.input_grad(dYt, f.U, b - a, f.oh // 2, f.ow // 2, ws)
             wg.crop_planes(planes, g.pads, g.dx[a:b])
 
@@ -273,6 +283,10 @@ class ConvReLU:
 
     def __repr__(self):
         return "+".join(repr(layer) for layer in self.layers)
+
+
+def _nothing() -> None:
+    pass
 
 
 class DenseReLU:

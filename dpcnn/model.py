@@ -111,6 +111,11 @@ class Model:
         #: ``grads[offset:num_trainable]`` is then final (the step's reduction starts buckets there).
         self.on_grads_ready = None
         self.on_forward_done = None  # called once the loss is known, before backward (the timeline)
+        #: Called from inside long backward steps (`dpcnn.fused.ConvReLU.poll`): the reduction's progress.
+        self.on_progress = None
+        for step in self._plan:
+            if hasattr(step, "poll"):
+                step.poll = self._poll
         self._ranges: dict[bool, list] = {}  # grad_ranges() of the fused plan and of the plain layers
         self.init(seed, init)
 
@@ -203,6 +208,10 @@ class Model:
         for step in self._steps():
             x = step.forward(x, train)
         return x
+
+    def _poll(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _steps(self) -> list:
         return self._plan if self._fuse else self.layers

@@ -89,11 +89,12 @@ class StepBuffer:
         try:
             self._shard_gradient(x, y, global_batch, shard_start, step)
         finally:
-            self.model.on_grads_ready = None  # a later loss_and_grads outside a step starts no bucket
+            self.model.on_grads_ready = self.model.on_progress = None  # (a later loss_and_grads outside a step)
 
     def _shard_gradient(self, x, y, global_batch: int, shard_start: int, step: int | None) -> None:
         if not self.micro:
             self.model.on_grads_ready = self._ready if self.reducer is not None and self.reducer.overlap else None
+            self.model.on_progress = self.reducer.poll if self.model.on_grads_ready else None
             self.buf[self.n + LOSS], self.buf[self.n + CORRECT] = \
                 self.model.loss_and_grads(x, y, denom=global_batch, step=step, start=shard_start)
             self.clock.backward_done()
@@ -104,6 +105,7 @@ class StepBuffer:
             # The last micro-batch adds each layer's gradient as backward writes it, and its buckets start.
             last = k == len(parts) - 1 and self.reducer is not None and self.reducer.overlap
             self.model.on_grads_ready, self._accumulated = (self._ready if last else None), self.model.num_trainable
+            self.model.on_progress = self.reducer.poll if last else None
             self.clock.part_start()
             loss, correct = self.model.loss_and_grads(x[part], y[part], denom=global_batch, step=step,
                                                       start=shard_start + part.start)

@@ -50,6 +50,26 @@ def test_backward_reports_each_steps_gradient_once_it_is_final():
         np.testing.assert_array_equal(ready, final[offset:model.num_trainable])
 
 
+
+def test_backward_tests_the_buckets_in_flight_inside_each_convolution():
+    """A convolution's backward is most of the step and MPI moves a bucket only inside MPI calls: the
+    reduction's test (on_progress) runs inside each conv step, after the step before it reported its
+    gradient ready (a bucket may be in flight) and before the convolution reports its own."""
+    model = Model.from_config(SMALL, seed=0)
+    x, y = np.random.default_rng(0).random((8, 28, 28, 1), np.float32), np.arange(8) % 10
+    events = []
+    model.on_grads_ready = lambda offset: events.append(offset)
+    model.on_progress = lambda: events.append("poll")
+    model.loss_and_grads(x, y)
+    convs = [r for step, r in zip(model._plan, model.grad_ranges()) if hasattr(step, "poll")]
+    assert len(convs) == 2
+    for start, end in convs:  # the step after a conv in the plan reports `end` ready first
+        inside = events[events.index(end) + 1:events.index(start)]
+        assert "poll" in inside, events
+    model.on_progress = None
+    events.clear()
+    model.loss_and_grads(x, y)  # no hook set: nothing is called
+    assert "poll" not in events
 def test_bucket_plan_from_the_last_layer_never_splits_a_layer():
     # small: conv1 160, conv2 4,640, dense1 200,832, dense2 1,290 floats; 4 slots after.
     ranges = [(0, 160), (160, 4800), (4800, 205632), (205632, 206922)]
