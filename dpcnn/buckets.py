@@ -44,9 +44,11 @@ def half_encode(x: np.ndarray) -> np.ndarray:
     """float32 -> IEEE half bit patterns (uint16), rounded to nearest even; beyond 65504 inf.
 
     Integer arithmetic on the float32 bits, in place: NumPy's own ``astype(np.float16)``
-    converts one element at a time (1.5 ms for 206,922 floats here, against 0.65 ms for
-    this). Values below half's smallest normal, 2**-14, become zero (for a gradient, error
-    feedback carries them to a later step).
+    converts one element at a time (1.2 ms for 206,922 floats, and 10 ms when many of them
+    overflow, against 0.46 ms for this on the AVX-512 EPYC of 2026-12-02). Values below half's
+    smallest normal, 2**-14, become zero (for a gradient, error feedback carries them to a
+    later step). The zeroing is a multiply by the bool mask and the sign is or-ed in before
+    the one narrowing cast: 0.99 -> 0.46 ms against a masked assignment and a uint16 sign pass.
     """
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
     a = u & np.uint32(0x7FFFFFFF)
@@ -57,10 +59,11 @@ def half_encode(x: np.ndarray) -> np.ndarray:
     h >>= 13  # the mantissa rounded to 10 bits, ties to even
     h -= np.uint32(112 << 10)  # exponent bias 127 -> 15 (wraps below half's range: zeroed next)
     np.minimum(h, np.uint32(0x7C00), out=h)  # overflow -> inf (NaN too: the step fails either way)
-    h[a < np.uint32(113 << 23)] = 0
-    out = h.astype(np.uint16)
-    out |= (u >> 16).astype(np.uint16) & np.uint16(0x8000)
-    return out
+    h *= a >= np.uint32(113 << 23)
+    sign = u >> 16
+    sign &= np.uint32(0x8000)
+    h |= sign
+    return h.astype(np.uint16)
 
 
 def half_decode(q: np.ndarray, scale: float = 1.0) -> np.ndarray:
