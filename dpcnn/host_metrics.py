@@ -17,7 +17,8 @@ import logging
 import os
 
 from .dist import Dist
-from .tracking import default_uri, finish_sampler
+from .system_metrics import finish_sampler
+from .tracking import default_uri
 
 log = logging.getLogger("dpcnn")
 _RUNNING: list["HostMetrics"] = []

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from . import journal as journal_mod
 from .replay import dataset_record, send
+from .system_metrics import finish_sampler
 from .store import (TrackingError, check_uri, create_run_once, default_uri, experiment_id, open_client, probe,
                     retry, transient, unreachable, why)
 from .tracking_inputs import array_digest, dataset_input, flatten  # noqa: F401 - dpcnn.tracking's names too
@@ -64,26 +65,6 @@ class _Unreachable:
 
     def __getattr__(self, name):  # anything else: a no-op (never reached before start)
         return lambda *args, **kwargs: None
-
-
-def finish_sampler(monitor) -> None:
-    """Stop MLflow's system-metrics sampler, and publish its last sample if it never published one.
-
-    MLflow's sampler takes a sample, waits ``sampling_interval``, then publishes; stopped sooner (a run
-    shorter than the interval), it drops the sample it holds and the run has no ``system/*`` metric at
-    all. Here that sample is published at step 0, so every sampled host shows up in every run.
-    """
-    try:
-        monitor.finish()
-        if getattr(monitor, "_logging_step", 1) == 0:  # MLflow's counter of published samples
-            metrics = monitor.aggregate_metrics()
-            if not metrics:  # stopped before its thread took the first sample
-                monitor.collect_metrics()
-                metrics = monitor.aggregate_metrics()
-            monitor.publish_metrics(metrics)
-            monitor.mlflow_logger.flush()
-    except Exception as e:  # noqa: BLE001 - metrics are not worth a failed run
-        log.warning("stopping the system metrics sampler failed: %s: %s", type(e).__name__, e)
 
 
 class NullTracker:
