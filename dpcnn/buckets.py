@@ -11,9 +11,9 @@ Allreduce as soon as backward has written it (`Reducer.ready`, called by
 `Model.backward` between its steps, which also tests the requests in flight:
 MPICH moves a non-blocking collective only inside MPI calls; `Reducer.poll`
 tests them inside a convolution's backward too, between its blocks and its
-GEMMs) and waits for all of them before the optimizer step (`Reducer.finish`). The buckets are started
-in the same order on every rank, so they match; each is one MPI SUM, whose
-result is the same on every rank, as the single Allreduce's was.
+GEMMs) and waits for all of them before the optimizer step (`Reducer.finish`).
+The buckets are started in the same order on every rank, so they match; each is
+one MPI SUM, whose result is the same on every rank, as the single Allreduce's was.
 
 Compression (``trainer.grad_compression=fp16|bf16``): the trainable part
 crosses the wire as 16-bit floats, summed by `dpcnn.ring` (MPI has no fast SUM

@@ -50,7 +50,6 @@ def test_backward_reports_each_steps_gradient_once_it_is_final():
         np.testing.assert_array_equal(ready, final[offset:model.num_trainable])
 
 
-
 def test_backward_tests_the_buckets_in_flight_inside_each_convolution():
     """A convolution's backward is most of the step and MPI moves a bucket only inside MPI calls: the
     reduction's test (on_progress) runs inside each conv step, after the step before it reported its
@@ -70,6 +69,8 @@ def test_backward_tests_the_buckets_in_flight_inside_each_convolution():
     events.clear()
     model.loss_and_grads(x, y)  # no hook set: nothing is called
     assert "poll" not in events
+
+
 def test_bucket_plan_from_the_last_layer_never_splits_a_layer():
     # small: conv1 160, conv2 4,640, dense1 200,832, dense2 1,290 floats; 4 slots after.
     ranges = [(0, 160), (160, 4800), (4800, 205632), (205632, 206922)]
