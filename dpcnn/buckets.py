@@ -96,10 +96,13 @@ def half_encode(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     beyond 65504 inf.
 
     One float multiply moves the exponent (and makes half's subnormals float32's), then integer
-    passes round and pack. For small's 206,922 floats on the AVX-512 EPYC of 2026-12-03 (three
-    runs): encoding a step's gradient with its error-feedback residual 0.34-0.45 ms, against
-    2.3-2.5 ms for the codec before it (integer rebias, a masked inf fix-up, the residual through
-    a full decode); NumPy's own ``astype(np.float16)`` alone takes 1.7 ms (one element at a time).
+    passes round and pack. For small's 206,922 floats on the AVX-512 EPYC of 2026-12-03, encoding
+    a step's gradient with its error-feedback residual: 0.34-0.49 ms against 0.63-0.71 ms for the
+    codec before it (integer rebias, a masked inf fix-up, the residual through a full decode),
+    freed memory kept (`dpcnn.memory`). With glibc's defaults, which map temporaries anew on
+    every call in some heap states, the old codec took 3.1-3.8 ms and this one 0.45-0.54 (or
+    1.7-2.3 in another heap state). NumPy's own
+    ``astype(np.float16)`` alone takes 1.7 ms (one element at a time).
     The same bits as ``astype`` on half's normal range; its subnormals are rounded twice (in the
     multiply, then to 10 bits), so 4 in 144,520 land one unit off (error feedback carries the
     difference).
@@ -131,8 +134,8 @@ def _half_from_raw(y: np.ndarray) -> np.ndarray:
 
 #: What the ring (`dpcnn.ring`) adds with: (decode, encode) between each 16-bit format and the float32
 #: numbers it sums. fp16's are the `_DOWN`-scaled values, so a hop multiplies nothing (decode, add and
-#: encode of half of small's gradient: 0.31-0.45 -> 0.24-0.26 ms; the sum's rounding is the same but
-#: in half's subnormals, where it can round twice); bf16's are the values themselves.
+#: encode of half of small's gradient: 0.33-0.46 -> 0.30 ms, memory kept; the sum's rounding is the
+#: same but in half's subnormals, where it can round twice); bf16's are the values themselves.
 CODECS = {"fp16": (_half_to_raw, _half_from_raw), "bf16": (bf16_decode, bf16_encode)}
 
 

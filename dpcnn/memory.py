@@ -6,10 +6,12 @@ only as large blocks are freed) with a fresh ``mmap`` and returns it with
 ``munmap`` when freed, and it trims the heap's free top above 128 KB: so, step
 after step, the kernel maps and zero-fills the same pages again (page faults,
 system time). Measured on the AVX-512 EPYC of 2026-12-03, one thread, `small`
-at batch 64 (`bench/bench_train.py`, 5 windows): 5,374 img/s with glibc's
-defaults, 6,573 with the thresholds below (set by environment variables for that
-run); the fp16 gradient codec of `dpcnn.buckets`, 206,922 floats: 1.8-2.3 ms a
-call with the defaults against 0.34-0.43 ms. Either setting alone does not help.
+at batch 64 (`bench/bench_train.py`, 9 windows, a run each way): 5,560 img/s
+with glibc's defaults, 7,304 with the thresholds below (LeNet-5 and batch 128
+within the noise: glibc's own threshold adapts there, sometimes); the fp16
+gradient codec of `dpcnn.buckets`, 206,922 floats: 1.7-2.3 ms a call with the
+defaults in one heap state against 0.34-0.43 ms. Either setting alone does not
+help (bench/RESULTS.md).
 
 `keep_freed_memory` (called once when `dpcnn` is imported) raises the mmap
 threshold to 32 MB (glibc's largest) and the trim threshold to 256 MB, so the
