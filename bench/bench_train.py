@@ -93,7 +93,7 @@ def main(argv=None):
     base_cls = common.baseline_model_class(args.baseline) if args.baseline else None
     print(f"{info.get('Model name', '?')}, {info['cpus']} CPUs, numpy {info['numpy']}, "
           f"torch {torch.__version__ if torch else 'not installed'}, load average {common.load_average():.2f}, "
-          f"{args.windows} windows timed by {args.clock} clock")
+          f"{args.windows} windows timed by {args.clock} clock, malloc: {info['malloc']}")
     rows = []
     for name in args.models:
         specs = model_spec(name)

@@ -34,7 +34,8 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dpcnn.model import Model  # noqa: E402  (after the BLAS variables and ROOT on the path)
+import dpcnn  # noqa: E402  (after the BLAS variables and ROOT on the path)
+from dpcnn.model import Model  # noqa: E402
 
 
 def model_spec(name: str) -> list[dict]:
@@ -91,7 +92,8 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "cpus": os.cpu_count(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "threads": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                         "MKL_NUM_THREADS")}}
+                                                         "MKL_NUM_THREADS")},
+            "malloc": "freed memory kept (dpcnn.memory)" if dpcnn.MALLOC_TUNED else "the C library's defaults"}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
