@@ -95,6 +95,8 @@ def _parse_idx(blob: bytes, path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", blob[4:start])
     dtype = _IDX_DTYPES[code]
     count = math.prod(shape)
+    if math.prod(d for d in shape if d) * dtype.itemsize > np.iinfo(np.intp).max:  # NumPy's limit, zeros or not
+        raise DataError(f"{path}: header shape {shape} is too large for any array; {_REFETCH}")
     expected, actual = count * dtype.itemsize, len(blob) - start
     if actual < expected:
         raise DataError(f"{path}: truncated: header shape {shape} needs {expected} bytes of data "

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +113,13 @@ def test_fuzz_inputs_include_gzip_failure_modes(tmp_path):
         except DataError:
             continue
         raise AssertionError(f"no DataError for {data!r}")
+
+
+def test_a_zero_size_header_whose_other_sizes_overflow_is_a_data_error():
+    # Found by the fuzz test above in CI: 0 x 256 x 50,331,648 x 721,420,288 bytes needs no data,
+    # but NumPy cannot make an array of that shape ("array is too big"): a ValueError, not a DataError.
+    path = _DIR / "z.idx"
+    path.write_bytes(b"\x00\x00\x08\x04\x00\x00\x00\x00\x00\x00\x01\x00\x03\x00\x00\x00+\x00\x00\x00")
+    with pytest.raises(DataError, match=r"z\.idx: header shape \(0, 256, 50331648, 721420288\) is too large") as e:
+        read_idx(path)
+    assert "\n" not in str(e.value)
