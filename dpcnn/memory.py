@@ -18,8 +18,8 @@ threshold to 32 MB (glibc's largest) and the trim threshold to 256 MB, so the
 heap keeps its high-water mark and reuses it. The cost is that a process's
 resident size stays at its peak instead of shrinking between steps. It is
 process-wide (PyTorch in the same process, as in the benchmarks, gets it too).
-Set ``DPCNN_MALLOC=default`` to keep glibc's defaults. Other C libraries (or
-none with ``mallopt``): nothing is changed.
+Set ``DPCNN_MALLOC=default`` (or 0, off, no, false) to keep glibc's defaults.
+Other C libraries (or none with ``mallopt``): nothing is changed.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+#: ``DPCNN_MALLOC`` values that leave the C library's settings alone ("default" is the documented one).
+_OPT_OUT = ("default", "0", "off", "no", "false")
 
 
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Set glibc's mmap and trim thresholds (see the module docstring); True if both were set."""
-    if os.environ.get("DPCNN_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+    if os.environ.get("DPCNN_MALLOC", "").strip().lower() in _OPT_OUT or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
