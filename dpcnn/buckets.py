@@ -43,6 +43,8 @@ WIRES = ("none", "fp16", "bf16")
 #: x * 2**-112 puts a half float's exponent in float32's low 5 exponent bits (bias 127 -> 15):
 #: half's subnormals become float32's, and a half's bit pattern is the float32's bits >> 13.
 _DOWN = 2.0 ** -112
+#: Between the largest finite half (65504) and inf (whose bits read 65536), `_DOWN`-scaled.
+_RAW_INF = np.float32(65520.0 * _DOWN)
 
 
 def _half_round(y: np.ndarray) -> np.ndarray:
@@ -71,6 +73,11 @@ def _half_pack(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def _half_from_raw(y: np.ndarray) -> np.ndarray:
+    """`_DOWN`-scaled float32 (changed in place) -> IEEE half bit patterns (uint16)."""
+    return _half_pack(_half_round(y))
+
+
 def _half_to_raw(q: np.ndarray) -> np.ndarray:
     """IEEE half bit patterns -> float32 of the `_DOWN`-scaled values: no multiply, the bits shifted
     and the sign kept by the int16 -> int32 widening. inf and NaN (which would come out as finite
@@ -87,10 +94,6 @@ def _half_to_raw(q: np.ndarray) -> np.ndarray:
     return f
 
 
-#: Between the largest finite half (65504) and inf (whose bits read 65536), `_DOWN`-scaled.
-_RAW_INF = np.float32(65520.0 * _DOWN)
-
-
 def half_encode(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """``x * scale`` (float32) -> IEEE half bit patterns (uint16), rounded to nearest, ties to even;
     beyond 65504 inf.
@@ -101,14 +104,12 @@ def half_encode(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     codec before it (integer rebias, a masked inf fix-up, the residual through a full decode),
     freed memory kept (`dpcnn.memory`). With glibc's defaults, which map temporaries anew on
     every call in some heap states, the old codec took 3.1-3.8 ms and this one 0.45-0.54 (or
-    1.7-2.3 in another heap state). NumPy's own
-    ``astype(np.float16)`` alone takes 1.7 ms (one element at a time).
-    The same bits as ``astype`` on half's normal range; its subnormals are rounded twice (in the
-    multiply, then to 10 bits), so 4 in 144,520 land one unit off (error feedback carries the
-    difference).
+    1.7-2.3 in another heap state). NumPy's own ``astype(np.float16)`` alone takes 1.7 ms (one
+    element at a time). The same bits as ``astype`` on half's normal range; its subnormals are
+    rounded twice (in the multiply, then to 10 bits), so 4 in 144,520 land one unit off (error
+    feedback carries the difference).
     """
-    y = np.multiply(x, np.float32(scale * _DOWN), dtype=np.float32)
-    return _half_pack(_half_round(y))
+    return _half_from_raw(np.multiply(x, np.float32(scale * _DOWN), dtype=np.float32))
 
 
 def half_decode(q: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -126,10 +127,6 @@ def bf16_encode(x: np.ndarray) -> np.ndarray:
 
 def bf16_decode(q: np.ndarray) -> np.ndarray:
     return (q.astype(np.uint32) << 16).view(np.float32)
-
-
-def _half_from_raw(y: np.ndarray) -> np.ndarray:
-    return _half_pack(_half_round(y))
 
 
 #: What the ring (`dpcnn.ring`) adds with: (decode, encode) between each 16-bit format and the float32
