@@ -49,6 +49,9 @@ class RunDirLock:
                 except FileExistsError:
                     self._take_over_if_stale()
                     continue
+                except OSError as e:  # EPERM/ENOTSUP: a filesystem without hard links (some FUSE and SMB mounts)
+                    raise ConfigError(f"cannot create the lock {self.path}: {e.strerror}; put hydra.run.dir on a "
+                                      f"filesystem with hard links (local disk, NFS, Lustre, GPFS)") from e
                 self._fd, fd = fd, None
                 return self
         finally:

@@ -59,3 +59,12 @@ def test_the_lock_file_holds_its_owner_from_the_moment_it_exists(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [".dpcnn.lock"]  # no temporary left beside it
     finally:
         lock.release()
+
+
+def test_a_filesystem_without_hard_links_is_a_one_line_config_error(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(ConfigError, match="put hydra.run.dir on a filesystem with hard links"):
+        RunDirLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []
