@@ -3,9 +3,10 @@
 Two jobs started with the same ``hydra.run.dir`` would prune each other's step
 checkpoints and log each other's files. The lock (``<run dir>/.dpcnn.lock``,
 JSON: pid, host, start time) is written and flocked under a private name,
-then hard-linked into place, and held with ``flock`` while the job runs. A lock whose owner is gone — a process that no longer
-exists on this host, or whose ``flock`` was released because it died — is
-taken over with a warning, so a resume after ``kill -9`` just works.
+then hard-linked into place, and held with ``flock`` while the job runs. A
+lock whose owner is gone — a process that no longer exists on this host, or
+whose ``flock`` was released because it died — is taken over with a warning,
+so a resume after ``kill -9`` just works.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class RunDirLock:
         try:
             if not _same_file(fd, self.path):
                 return
-            owner = self.owner()
+            owner = _read_owner(fd)
             if _alive(owner, fd):
                 raise ConfigError(
                     f"run directory {self.path.parent} is in use by pid {owner.get('pid')} on host "
@@ -88,17 +89,19 @@ class RunDirLock:
         finally:
             os.close(fd)
 
-    def owner(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-
     def release(self) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def _read_owner(fd: int) -> dict:
+    """The owner recorded in the open lock file fd (the one whose inode was checked), {} if unreadable."""
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def _same_file(fd: int, path: Path) -> bool:
