@@ -26,8 +26,8 @@ which keep fewer bits); a gradient that
 overflows fp16 becomes inf, and the step's finiteness check stops the run as
 diverged before any weight changes. bf16 has float32's range and 8 bits of
 mantissa. The slots and batch statistics stay in full precision. Rounding
-the sums on the ring's hops is not fed back: at P ranks a value is rounded
-P - 1 more times (bench/RESULTS.md has the accuracy this costs).
+the sums on the ring's hops is not fed back: at P >= 3 ranks a value is rounded
+P - 1 more times (at 2 the sum is float32; bench/RESULTS.md has the accuracy).
 """
 
 from __future__ import annotations

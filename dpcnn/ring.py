@@ -16,10 +16,11 @@ Each rank sends 2 (P - 1) / P of the payload, half of what float32 needs at
 any P. A chunk's sum is computed on one rank, in one fixed order, and copied to
 the others, so every rank ends with the same bits. At P = 2 the two rounds
 are one exchange of the whole payload (the same bytes, one round trip instead
-of two): each rank adds the two decoded halves in float32, a + b on one rank
-and b + a on the other, the same bits, and nothing is rounded to 16 bits
-again (2 ranks on one host, `small`'s 206,922 values, fp16, encode to float32
-sum: 1.42-1.60 ms with the two-round ring, see `bench/RESULTS.md`). Each round
+of two): each rank adds the two ranks' decoded payloads in float32, a + b on
+one and b + a on the other, the same bits, and the sum is not rounded to 16
+bits again. One whole reduction of `small`'s buckets, 2 ranks on one host
+(``bench/bench_reduce.py``): fp16 1.35-1.52 -> 0.98-1.06 ms, bf16 0.86-0.94 ->
+0.64-0.65 ms (float32's ``Iallreduce``: 0.19-0.20). Each round
 needs the last one done: `Ring16.Test` moves it on as far as it can without
 waiting (called between backward's layers, like MPI's own requests),
 `dpcnn.dist.Dist.wait_sums_` until it is done; `Ring16.total` is the sum.
