@@ -185,6 +185,54 @@ def ended_within(proc: subprocess.Popen, seconds: float) -> bool:
         return False
 
 
+LINK_PROBE = r"""
+import socket, sys, time
+n, port = 1_000_000, 5099
+if sys.argv[1] == "recv":  # one connection: a message, then a one-byte reply, until the sender closes
+    server = socket.create_server(("198.18.0.1", port))
+    print("listening", flush=True)
+    conn, _ = server.accept()
+    while (head := conn.recv(1)):
+        got = 0
+        while got < n and (chunk := conn.recv(n - got)):
+            got += len(chunk)
+        conn.sendall(b"k")
+else:
+    conn = socket.create_connection(("198.18.0.1", port))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload, times = bytes(n), []
+    for _ in range(20):
+        time.sleep(0.02)  # idle: the token bucket fills up
+        t = time.perf_counter()
+        conn.sendall(b"m" + payload)
+        conn.recv(1)
+        times.append(time.perf_counter() - t)
+    print(min(times))
+"""
+
+
+def test_a_shaped_link_is_no_faster_than_its_rate_after_idle(make_cluster, tmp_path):
+    """A 1 Gbit/s NIC never sends faster than 1 Gbit/s; tbf sends its bucket at veth speed. So the bucket is
+    kept small: 1 MB sent after 20 ms of idle takes at least 0.9x its time at the rate, every time (with
+    the old 2 ms bucket the fastest took 6.0 ms against 8.0). The step's gradient is such a burst."""
+    cluster = make_cluster(2, "--rate", "1gbit")
+    script = tmp_path / "probe.py"
+    script.write_text(LINK_PROBE)
+    server = subprocess.Popen([str(SCRIPT), "--name", cluster.name, "exec", "1", sys.executable, str(script), "recv"],
+                              stdout=subprocess.PIPE, text=True, env=cluster.env())
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        proc = cluster.cmd("exec", "2", sys.executable, str(script), "send")
+        check_ok(proc)
+        fastest = float(proc.stdout.split()[-1])
+        assert fastest >= 0.9 * 8e6 / 1e9, f"1 MB crossed a 1 Gbit/s link in {fastest * 1e3:.2f} ms"
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 # ---------------------------------------------------------------------------- training across hosts
 
 @pytest.mark.parametrize("hosts,rate", [(2, "none"), (3, "1gbit")])
