@@ -214,7 +214,7 @@ else:
 def test_a_shaped_link_is_no_faster_than_its_rate_after_idle(make_cluster, tmp_path):
     """A 1 Gbit/s NIC never sends faster than 1 Gbit/s; tbf sends its bucket at veth speed. So the bucket is
     kept small: 1 MB sent after 20 ms of idle takes at least 0.9x its time at the rate, every time (with
-    the old 2 ms bucket the fastest took 6.0 ms against 8.0). The step's gradient is such a burst."""
+    the old 2 ms bucket the fastest took 6.6 ms against 8.0). The step's gradient is such a burst."""
     cluster = make_cluster(2, "--rate", "1gbit")
     script = tmp_path / "probe.py"
     script.write_text(LINK_PROBE)
