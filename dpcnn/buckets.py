@@ -114,7 +114,11 @@ def half_encode(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
 
 def half_decode(q: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """IEEE half bit patterns -> float32 divided by ``scale`` (exactly, for a power of two), inf and NaN kept."""
-    f = _half_to_raw(q)
+    return _half_unscale_(_half_to_raw(q), scale)
+
+
+def _half_unscale_(f: np.ndarray, scale: float) -> np.ndarray:
+    """`_DOWN`-scaled float32 (half's values, or a sum of them) -> the values divided by ``scale``, in place."""
     f *= np.float32(1.0 / (scale * _DOWN))
     return f
 
@@ -205,10 +209,8 @@ class Reducer:
         self.done_times = [now if np.isnan(t) else t for t in self.done_times]
         if self.wire:
             for i, (lo, hi) in enumerate(self.buckets[:-1]):
-                total = self.reqs[i].total()
-                if self.wire == "fp16":  # (as half_decode: the ring's values are `_DOWN`-scaled)
-                    total *= np.float32(1.0 / (self.scale * _DOWN))
-                self.buf[lo:hi] = total
+                total = self.reqs[i].total()  # (fp16: `_DOWN`-scaled, as the ring adds them)
+                self.buf[lo:hi] = _half_unscale_(total, self.scale) if self.wire == "fp16" else total
 
     def _start(self, i: int) -> None:
         lo, hi = self.buckets[i]
@@ -227,8 +229,8 @@ class Reducer:
         if self.wire == "fp16":  # the rounded value is at hand: the residual without a decode
             sent = _half_round(np.multiply(v, np.float32(self.scale * _DOWN), dtype=np.float32))
             _half_pack(sent, out=q)
-            sent = sent.view(np.float32)
-            sent *= np.float32(1.0 / (self.scale * _DOWN))  # = half_decode(q) but for inf (the step fails then)
+            # = half_decode(q), but for inf (the step fails then)
+            sent = _half_unscale_(sent.view(np.float32), self.scale)
         else:
             q[...] = bf16_encode(v)
             sent = bf16_decode(q)
