@@ -192,7 +192,7 @@ if sys.argv[1] == "recv":  # one connection: a message, then a one-byte reply, u
     server = socket.create_server(("198.18.0.1", port))
     print("listening", flush=True)
     conn, _ = server.accept()
-    while (head := conn.recv(1)):
+    while conn.recv(1):
         got = 0
         while got < n and (chunk := conn.recv(n - got)):
             got += len(chunk)
