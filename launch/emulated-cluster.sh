@@ -96,15 +96,18 @@ shape() {
     ip -n "$ns" link set "$dev" up
     tc -n "$ns" qdisc del dev "$dev" root 2>/dev/null || true
     (( bits > 0 )) || return 0
-    # Bucket: 0.5 ms at the rate, at least 64 KiB (one GSO segment of the veth). A message sent after
-    # idle crosses the bucket's bytes at veth speed, so that is what it gets ahead of a real link of
-    # the rate: with the 2 ms of before, `small`'s 848 KB step buffer crossed 1 Gbit/s at 1.27 Gbit/s
-    # (now 0.94-0.96). Above 5 Gbit/s 2 ms: with less, tbf's timer does not reach the rate on a
-    # 2-core VM (10 Gbit/s: 7.2-7.5 Gbit/s at 0.5 ms, 8.4-8.8 at 2 ms; the veth's own ~10-12).
-    # Queue: 20 ms.
+    # Bucket: 0.5 ms at the rate, at least 96 KiB. A message sent after idle crosses the bucket's
+    # bytes at veth speed, so that is what it gets ahead of a real link of the rate: with the 2 ms of
+    # before, `small`'s 848 KB step buffer crossed 1 Gbit/s at 1.27 Gbit/s (now 1 MB after idle
+    # crosses at 1.03). The floor is one GSO packet (64 KiB of payload, plus each frame's headers):
+    # tbf cuts a packet larger than its bucket into 1.5 KB frames, which the bridge and both TCP
+    # stacks then handle one by one, in softirq, on the cores that train. With a 64 KiB bucket a
+    # 1 Gbit/s link cost 12x the CPU (299 against 24 softirq ticks for 485 MB) and no transfer could
+    # overlap compute. Above 5 Gbit/s 2 ms: with less, tbf's timer does not reach the rate on a 2-core
+    # VM (10 Gbit/s: 7.2-7.5 Gbit/s at 0.5 ms, 8.4-8.8 at 2 ms; the veth's own ~10-12). Queue: 20 ms.
     local burst=$(( bits / 8 / 2000 ))
     (( bits <= 5000000000 )) || burst=$(( bits / 8 / 500 ))
-    (( burst >= 65536 )) || burst=65536
+    (( burst >= 98304 )) || burst=98304
     tc -n "$ns" qdisc add dev "$dev" root tbf rate "$bits" burst "$burst" latency 20ms
 }
 
