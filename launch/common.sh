@@ -107,6 +107,19 @@ dpcnn_iface_flags() {
     fi
 }
 
+# MPICH's sum in a ring at N = 3, 5, 6 or 7 ranks (unless set): its default Allreduce for a rank count
+# that is not a power of two folds the extra ranks into partners first, and their links carry twice
+# the gradient; a ring puts 2 (N - 1) / N of it on every link (3 emulated hosts at 1 Gbit/s: 2.01x
+# the step buffer on one link against 1.34x on each, training 1.3-1.5x faster; bench/RESULTS.md). From 8
+# ranks on MPICH's choice stays: the ring takes 2 (N - 1) rounds for every small sum too. Exported:
+# hydra (-genvall), srun and mpirun under Slurm pass it to the ranks. Open MPI: nothing.
+dpcnn_ring_for_odd_sizes() {
+    local n="$1"
+    [[ "$MPI_FLAVOUR" != openmpi ]] && (( n >= 3 && n < 8 && (n & (n - 1)) != 0 )) || return 0
+    export MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM="${MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM:-ring}"
+    export MPIR_CVAR_IALLREDUCE_INTRA_ALGORITHM="${MPIR_CVAR_IALLREDUCE_INTRA_ALGORITHM:-tsp_ring}"
+}
+
 # Cores this process may run on. (GNU nproc would answer $OMP_NUM_THREADS if set,
 # and that is often 1 exactly where this is called.)
 dpcnn_cores() {

@@ -41,6 +41,11 @@
 # reads HOSTFILE again, so a host you remove from it while the job waits to
 # restart is not used again (dropping a dead host by itself is not done).
 #
+# At 3, 5, 6 or 7 ranks under MPICH, MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=ring and
+# MPIR_CVAR_IALLREDUCE_INTRA_ALGORITHM=tsp_ring unless set (launch/common.sh,
+# dpcnn_ring_for_odd_sizes): MPICH's own choice there puts twice the gradient
+# on some links.
+#
 # PYTHON, MPIRUN: which interpreter and mpirun (see launch/common.sh);
 # MPIRUN_ARGS: extra launcher flags.
 set -euo pipefail
@@ -64,6 +69,7 @@ fi
 
 dpcnn_setup
 dpcnn_iface_flags
+dpcnn_ring_for_odd_sizes "$np"
 if [[ "$MPI_FLAVOUR" == openmpi ]]; then
     # Open MPI: hostfile lines are "host slots=K"; variables are exported with -x.
     flags=(--hostfile "$hostfile" -x PYTHONPATH -x PATH)
