@@ -98,6 +98,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for hosts, rate, who, measured, got, err in check(data):
         print(f"| {hosts} | {rate} | {who} | {measured:.2f} | {got:.2f} | {err:+.0%} |")
+    if "2" not in data.get("anatomy", {}):  # (a --hosts 3 run alone)
+        print("\nno 2-host run in this file: the extrapolation starts from its profile (bench_cluster.py --hosts 2)")
+        return
     a = data["anatomy"]["2"]
     print(f"\nfrom the profile (2 ranks): forward {a['forward_ms']:.2f} ms, backward {a['backward_ms']:.2f} ms, "
           f"optimizer {a['optimizer_ms']:.2f} ms, backward left after the first bucket {a['hideable_ms']:.2f} ms; "
