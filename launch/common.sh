@@ -111,7 +111,8 @@ dpcnn_iface_flags() {
 # that is not a power of two folds the extra ranks into partners first, and their links carry twice
 # the gradient; a ring puts 2 (N - 1) / N of it on every link (3 emulated hosts at 1 Gbit/s: 2.01x
 # the step buffer on one link against 1.34x on each, training 1.3-1.5x faster; bench/RESULTS.md). From 8
-# ranks on MPICH's choice stays: the ring takes 2 (N - 1) rounds for every small sum too. Exported:
+# ranks on MPICH's choice stays: the ring takes 2 (N - 1) rounds for every small sum too. Measured at
+# 3 ranks on 3 hosts only; 5, 6 and 7 fold the same way. Exported:
 # hydra (-genvall), srun and mpirun under Slurm pass it to the ranks. Open MPI: nothing.
 dpcnn_ring_for_odd_sizes() {
     local n="$1"

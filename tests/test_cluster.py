@@ -320,7 +320,7 @@ def test_hosts_train_bitwise_like_one_host_and_gradients_cross_the_links(make_cl
           ", ".join(f"{h} {rx / step_buffer:.2f}x/{tx / step_buffer:.2f}x" for h, (rx, tx) in per_step.items()))
     for host, (rx, tx) in per_step.items():
         assert rx >= step_buffer and tx >= step_buffer, (host, rx, tx, step_buffer)
-        if hosts == 3:  # multihost.sh's ring: 2 (P - 1) / P = 1.33x a link (1.34-1.44x with set-up traffic); MPICH's fold: 2.06x
+        if hosts == 3:  # multihost.sh's ring: 1.33x a link (1.34-1.44x with set-up traffic); MPICH's fold 2.06x
             assert max(rx, tx) < 1.7 * step_buffer, (host, rx, tx, step_buffer)
 
 
