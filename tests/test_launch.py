@@ -50,11 +50,16 @@ exec "{sys.executable}" "$@"
     return wrapper
 
 
+def env_file(path: Path) -> dict[str, str]:
+    """The variables in the output of `env` saved to ``path``."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
 def rank_records(tmp_path: Path) -> dict[int, tuple[dict, str]]:
     out = {}
     for f in (tmp_path / "ranks").glob("env.*"):
         rank = int(f.suffix[1:])
-        env = dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line)
+        env = env_file(f)
         out[rank] = env, (tmp_path / "ranks" / f"parent.{rank}").read_text()
     return out
 
@@ -141,7 +146,7 @@ def recorded_args(mpirun: Path) -> list[str]:
 
 
 def recorded_env(mpirun: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in (mpirun.parent / "env").read_text().splitlines() if "=" in line)
+    return env_file(mpirun.parent / "env")
 
 
 def no_launcher_env(**extra) -> dict:
