@@ -114,7 +114,7 @@ dpcnn_iface_flags() {
 # ranks on MPICH's choice stays: the ring takes 2 (N - 1) rounds for every small sum too. Measured at
 # 3 ranks on 3 hosts only; 5, 6 and 7 fold the same way. Exported:
 # hydra (-genvall), srun and mpirun under Slurm pass it to the ranks. Open MPI: nothing.
-dpcnn_ring_for_odd_sizes() {
+dpcnn_mpich_ring_allreduce() {
     local n="$1"
     [[ "$MPI_FLAVOUR" != openmpi ]] && (( n >= 3 && n < 8 && (n & (n - 1)) != 0 )) || return 0
     export MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM="${MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM:-ring}"

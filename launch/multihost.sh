@@ -43,7 +43,7 @@
 #
 # At 3, 5, 6 or 7 ranks under MPICH, MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=ring and
 # MPIR_CVAR_IALLREDUCE_INTRA_ALGORITHM=tsp_ring unless set (launch/common.sh,
-# dpcnn_ring_for_odd_sizes): MPICH's own choice there puts twice the gradient
+# dpcnn_mpich_ring_allreduce): MPICH's own choice there puts twice the gradient
 # on some links.
 #
 # PYTHON, MPIRUN: which interpreter and mpirun (see launch/common.sh);
@@ -69,7 +69,7 @@ fi
 
 dpcnn_setup
 dpcnn_iface_flags
-dpcnn_ring_for_odd_sizes "$np"
+dpcnn_mpich_ring_allreduce "$np"
 if [[ "$MPI_FLAVOUR" == openmpi ]]; then
     # Open MPI: hostfile lines are "host slots=K"; variables are exported with -x.
     flags=(--hostfile "$hostfile" -x PYTHONPATH -x PATH)
