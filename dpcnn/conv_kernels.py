@@ -38,6 +38,7 @@ __all__ = [
     "conv_output_size",
     "same_padding",
     "gemm",
+    "relu_",
     "adjacent",
     "rows_view",
     "patch_view",
@@ -82,6 +83,9 @@ class Tuning:
     - ``winograd``: 3x3 stride-1 convs as Winograd F(2x2, 3x3) (`dpcnn.winograd`):
       "auto" where it is the faster path by shape (`dpcnn.winograd.chosen`),
       "always" wherever it applies, "never".
+    - ``flat_one_channel``: a fused one-channel stride-1 conv + ReLU [+ average pool] runs on the
+      flat grid of `dpcnn.flat_conv` (LeNet-5's first layer). False: the transposed im2col above.
+    - ``flat_block_bytes``: the size of one block of patch and output rows there.
     """
 
     fold_bias: bool = True
@@ -91,6 +95,8 @@ class Tuning:
     store_cols_bytes: int = 6 << 20
     store_cols_t_bytes: int = 16 << 20
     winograd: str = "auto"
+    flat_one_channel: bool = True
+    flat_block_bytes: int = 512 << 10
 
     @contextmanager
     def override(self, **changes) -> Iterator[Tuning]:
@@ -188,6 +194,24 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 #: A^T dz filter-gradient GEMMs (915-1,042 vs 689-700 us, `small`'s second conv, one block)
 #: and no faster elsewhere, ``beta=1`` included (bench/bench_blas.py, RESULTS.md).
 gemm = np.matmul
+
+
+#: Zeros per dtype for `relu_`, grown to the largest array seen (never written).
+_ZEROS: dict = {}
+
+
+def relu_(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """max(a, 0) into ``out`` (default: a itself); returns it.
+
+    Against an array of zeros, not the scalar 0: NumPy 2.4.6's ``maximum`` with a scalar
+    operand skips its SIMD loop and measured 3.5-4x slower (14.0 vs 3.7 us for 24,576
+    float32, AMD EPYC with AVX-512, 2026-12-04); same results, NaN included.
+    """
+    z = _ZEROS.get(a.dtype)
+    if z is None or z.size < a.size:
+        z = _ZEROS[a.dtype] = np.zeros(max(a.size, 1 << 16), a.dtype)
+        z.flags.writeable = False
+    return np.maximum(a, z[:a.size].reshape(a.shape), out=a if out is None else out)
 
 
 def adjacent(a: np.ndarray, b: np.ndarray) -> bool:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import conv_kernels as ck
+from . import flat_conv as fc
 from . import winograd as wg
 from .col2im import scratch
 from .conv_kernels import TUNING, Workspace
@@ -47,12 +48,18 @@ class ConvReLU:
     * Winograd F(2x2, 3x3) (3x3 stride-1 convs with a 2x2 pool, chosen by shape): its output comes in
       tile-slot order, which is the pool-slot order, and it keeps the transformed input tiles
       (``(16, m*oh*ow/4, c_in)``, 4/9 of the patch matrix) for backward instead of any patches.
+    * One input channel, stride 1, an average pool or none (LeNet-5's first layer): the flat grid of
+      `dpcnn.flat_conv`, channel-major, where the whole patch matrix of a block is one copy.
     * Max pool: ReLU commutes with max, so it runs on the pooled (k*k times
       smaller) array. The stored mask of slot s is "z_s is the window's first
       maximum and that maximum is > 0", the product of the max-pool routing and
       the ReLU mask of the unfused layers (if the maximum is <= 0, relu(z) ties
       at 0 and the unfused ReLU backward zeroes the gradient anyway).
     """
+
+    #: Whether this step may take the flat-grid path of `dpcnn.flat_conv` (ConvBNReLU: no, its batch
+    #: statistics are taken on the general path's blocks).
+    flat_ok = True
 
     def __init__(self, conv: Conv2D, relu: ReLU, pool: MaxPool2D | AvgPool2D | None = None):
         self.conv, self.relu, self.pool = conv, relu, pool
@@ -70,13 +77,16 @@ class ConvReLU:
     def needs_input_grad(self):
         return self.conv.needs_input_grad
 
-    def _block(self, m: int, oh: int, ow: int, K: int, itemsize: int) -> int:
-        """Examples per block: about ``TUNING.fused_block_bytes`` of patch and output rows."""
+    def _block(self, m: int, oh: int, ow: int, K: int, itemsize: int, size: int | None = None) -> int:
+        """Examples per block: about ``size`` (default ``TUNING.fused_block_bytes``) of patch and output rows."""
         per_example = oh * ow * (K + self.conv.out_channels) * itemsize
-        nb = max(1, min(m, TUNING.fused_block_bytes // per_example))
+        nb = max(1, min(m, (size or TUNING.fused_block_bytes) // per_example))
         return -(-m // -(-m // nb))  # as many blocks, evened out: 64 by <= 25 -> 22, 22, 20
 
     def forward(self, x, train=True):
+        grid = self._flat_grid(x)
+        if grid is not None:
+            return self._flat_forward(x, grid, *self._weights(train))
         f = self._start(x, *self._weights(train))
         for a, b in f.blocks:  # cache blocking, see the class docstring
             yb = f.y[a:b].reshape(-1, f.c_out)
@@ -111,7 +121,7 @@ class ConvReLU:
         rows = oh * ow
         U = wg.filters(W) if wino else None
         V = conv.workspace.get("wino_V", (16, m * rows // 4, conv.in_channels), x.dtype) if wino else None
-        return SimpleNamespace(wino=wino, U=U, V=V,
+        return SimpleNamespace(grid=None, wino=wino, U=U, V=V,
             x_shape=x.shape, xp=xp, fold=fold, Wm=Wm, bias=bias, oh=oh, ow=ow, c_out=c_out, kk=k * k, nb=nb,
             y=y, masks=masks, store=store, rows=rows, blocks=[(a, min(a + nb, m)) for a in range(0, m, nb)],
             block_masks=lambda a, b: masks[a * rows * c_out:b * rows * c_out].reshape(k * k, -1, c_out))
@@ -172,10 +182,10 @@ class ConvReLU:
         kk = zs.shape[0]
         if kk == 1:  # ReLU only; zs[0] is y
             np.greater(y, 0, out=masks[0])
-            np.maximum(y, 0, out=y)
+            ck.relu_(y)
             return
         if self.avg:
-            np.maximum(zs, 0, out=zs)
+            ck.relu_(zs)
             np.greater(zs, 0, out=masks)
             np.add(zs[0], zs[1], out=y)
             for s in range(2, kk):
@@ -197,10 +207,12 @@ class ConvReLU:
             np.greater(masks[s], taken, out=masks[s])
             if s < kk - 1:
                 np.logical_or(taken, masks[s], out=taken)
-        np.maximum(y, 0, out=y)
+        ck.relu_(y)
 
     def backward(self, dy):
         f = self._cache
+        if f.grid is not None:
+            return self._flat_backward(f, dy)
         g = self._start_backward(f)
         dz = self.workspace.get("dz", (f.nb * f.rows, f.c_out), f.xp.dtype)
         for a, b in f.blocks:  # the forward's blocks
@@ -270,6 +282,73 @@ class ConvReLU:
             planes = wg.input_grad(dYt, f.U, b - a, f.oh // 2, f.ow // 2, ws)
             wg.crop_planes(planes, g.pads, g.dx[a:b])
 
+    def _flat_grid(self, x: np.ndarray) -> fc.Grid | None:
+        """The flat layout of `dpcnn.flat_conv` for input x, or None where that path does not apply."""
+        conv = self.conv
+        kind = None if self.pool is None else "avg" if self.avg else "max"
+        if not (self.flat_ok and fc.usable(conv.kernel_size, conv.stride, conv.in_channels, kind)):
+            return None
+        m, h, w, _ = x.shape
+        return fc.grid(m, h, w, conv.kernel_size, conv.pads(h, w), self.k)
+
+    def _flat_forward(self, x: np.ndarray, g: fc.Grid, W: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """`forward` on the flat grid: per block of images, one patch copy, one GEMM, ReLU and pool."""
+        ws, c, k = self.conv.workspace, self.conv.out_channels, self.k
+        X = fc.load(x, g, ws)
+        nb = self._block(g.m, g.Hg, g.Wg, g.K + 1, x.itemsize, TUNING.flat_block_bytes)
+        # Keep every block's patches for backward when they are small (as the general path does).
+        store = (g.K + 1) * g.m * g.S * x.itemsize <= TUNING.store_cols_t_bytes
+        qh, qw = g.oh // k, g.ow // k
+        shape = (g.m, qh * qw, c)
+        y = self.workspace.get("y", shape, x.dtype) if self.reuse_output else np.empty(shape, x.dtype)
+        masks = self.workspace.get("masks", (g.m * g.S * c,), np.bool_)
+        f = SimpleNamespace(grid=g, X=X, x_shape=x.shape, Wm=ck.filter_matrix(W, bias, True), nb=nb, store=store,
+                            c_out=c, blocks=[(a, min(a + nb, g.m)) for a in range(0, g.m, nb)],
+                            block_masks=lambda a, b: masks[a * g.S * c:b * g.S * c].reshape(c, -1))
+        Z = fc.block_buffer("flat_Z", c, nb * g.S, x.dtype, ws)
+        yv = y.reshape(g.m, qh, qw, c)
+        for a, b in f.blocks:
+            fc.forward_block(f.Wm, self._flat_patches(f, a, b), g, Z[:, :(b - a) * g.S], f.block_masks(a, b),
+                             yv[a:b], ws)
+        self._cache = f
+        return yv
+
+    def _flat_patches(self, f: SimpleNamespace, a: int, b: int, fresh: bool = True) -> np.ndarray:
+        """The flat patch matrix of images a:b: made now (``fresh``; kept if ``f.store``), else the kept one
+        or made again."""
+        g = f.grid
+        cs = fc.patch_buffer(g, (g.m if f.store else f.nb) * g.S, f.X.dtype, self.conv.workspace)
+        cs = cs[:, a * g.S:b * g.S] if f.store else cs[:, :(b - a) * g.S]
+        return fc.patches(f.X, g, a, b, cs) if fresh or not f.store else cs
+
+    def _flat_backward(self, f: SimpleNamespace, dy: np.ndarray) -> np.ndarray | None:
+        """`backward` on the flat grid: per block, dZ through the pool and ReLU, then the filter gradient
+        and (if needed) the input gradient."""
+        conv, ws, g, c = self.conv, self.conv.workspace, f.grid, f.c_out
+        k, dtype = self.k, f.X.dtype
+        dyv = dy.reshape(g.m, g.oh // k, g.ow // k, c)
+        together = ck.adjacent(conv.dW, conv.db)
+        dWb = ck.rows_view(conv.dW, g.K + 1, c) if together else ws.get("flat_dWb", (g.K + 1, c), dtype)
+        dX = ws.get("flat_dX", f.X.shape, dtype) if conv.needs_input_grad else None
+        if dX is not None:
+            dX.fill(0)
+        dZ = fc.block_buffer("flat_dZ", c, f.nb * g.S, dtype, ws)
+        for a, b in f.blocks:
+            dZb = fc.output_grad(dyv[a:b], g, f.block_masks(a, b), dZ[:, :(b - a) * g.S], ws)
+            fc.backward_block(self._flat_patches(f, a, b, fresh=False), dZb, dWb, accumulate=a > 0)
+            self.poll()
+            if dX is not None:
+                fc.input_grad_block(f.Wm, dZb, g, a, dX, ws)
+                self.poll()
+        if not together:
+            conv.dW.reshape(g.K, c)[...], conv.db[...] = dWb[:-1], dWb[-1]
+        if dX is None:
+            return None
+        dx = self.workspace.get("dx", f.x_shape, dtype)
+        t, _, l, _ = g.pads
+        dx[..., 0] = dX[:g.m * g.S].reshape(g.m, g.Hg, g.Wg)[:, t:t + g.h, l:l + g.w]
+        return dx
+
     def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
         """Write dz (rows in pool-slot order when k > 1) into the NHWC array (or view) ``out``."""
         k, c_out = self.k, self.conv.out_channels
@@ -303,7 +382,7 @@ class DenseReLU:
 
     def forward(self, x, train=True):
         y = self.dense.forward(x, train)  # a fresh array (so also fine as the logits): ours to change
-        np.maximum(y, 0, out=y)
+        ck.relu_(y)
         self._y = y
         return y
 

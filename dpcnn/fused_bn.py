@@ -41,6 +41,8 @@ class ConvBNReLU(ConvReLU):
     """Model-internal fusion of ``Conv2D -> BatchNorm -> ReLU [-> pool]`` (see the module docstring); the
     layers' numbers up to the order of float sums (tests/test_norm.py)."""
 
+    flat_ok = False  # training takes its batch statistics on the general path's blocks
+
     def __init__(self, conv: Conv2D, bn: BatchNorm, relu: ReLU, pool: MaxPool2D | AvgPool2D | None = None):
         super().__init__(conv, relu, pool)
         self.bn = bn

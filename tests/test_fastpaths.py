@@ -355,8 +355,8 @@ def test_fused_blocks_and_stored_patches_match_one_block(name):
     y = rng.integers(0, 10, 7)
 
     def grads(block_bytes, store_bytes):
-        with TUNING.override(fused_block_bytes=block_bytes, store_cols_bytes=store_bytes,
-                             store_cols_t_bytes=store_bytes):
+        with TUNING.override(fused_block_bytes=block_bytes, flat_block_bytes=block_bytes,
+                             store_cols_bytes=store_bytes, store_cols_t_bytes=store_bytes):
             model = Model.from_config(spec(name), dtype=np.float64, seed=8)
             loss, _ = model.loss_and_grads(x, y)
         return loss, model.grads.copy()
@@ -371,12 +371,13 @@ def test_fused_blocks_and_stored_patches_match_one_block(name):
 
 
 def test_inplace_relu_fusion_gives_bitwise_identical_gradients():
-    """Without pooling and in one block, the fused steps do the unfused arithmetic exactly."""
+    """Without pooling and in one block, the fused steps do the unfused arithmetic exactly (the
+    general path: the flat grid of dpcnn.flat_conv sums in another order, tests/test_flat_conv.py)."""
     layers = [{"type": "conv", "filters": 4, "kernel_size": 3}, {"type": "relu"},
               {"type": "conv", "filters": 5, "kernel_size": 3, "stride": 2}, {"type": "relu"},
               {"type": "flatten"}, {"type": "dense", "units": 12}, {"type": "relu"},
               {"type": "dense", "units": 10}]
-    with TUNING.override(fused_block_bytes=1 << 40):
+    with TUNING.override(fused_block_bytes=1 << 40, flat_one_channel=False):
         for dtype in (np.float32, np.float64):
             fused = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
             plain = Model.from_config(layers, input_shape=(10, 10, 1), dtype=dtype, seed=9)
