@@ -45,7 +45,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import conv_kernels as ck
 from .conv_kernels import TUNING, Workspace
 
-__all__ = ["usable", "Grid", "grid", "load", "patches", "patch_buffer", "block_buffer", "forward_block", "output_grad",
+__all__ = ["usable", "Grid", "grid", "load", "patches", "patch_buffer", "forward_block", "output_grad",
            "backward_block", "input_grad_block"]
 
 #: Floats added to the row length of the patch and output buffers: a row stride of a power of
@@ -135,41 +135,34 @@ def pool_matrix(g: Grid, dtype, ws: Workspace) -> np.ndarray:
     return ws.get("flat_pool", (g.k * g.Wg, g.Wg // g.k), dtype, init)
 
 
-def block_buffer(name: str, c: int, cols: int, dtype, ws: Workspace) -> np.ndarray:
-    """A ``(c, cols)`` view of a reused buffer whose rows are padded (see ``_ROW_PAD``)."""
-    return ws.get(name, (c, cols + _ROW_PAD), dtype)[:, :cols]
-
-
-def forward_block(Wm: np.ndarray, cs: np.ndarray, g: Grid, Z: np.ndarray, masks: np.ndarray, y: np.ndarray,
+def forward_block(Wm: np.ndarray, cs: np.ndarray, g: Grid, masks: np.ndarray, y: np.ndarray,
                   ws: Workspace) -> None:
     """Conv + ReLU [+ average pool] of n images whose patches are ``cs`` ``(K + 1, n*S)``.
 
-    Wm ``(K + 1, c)``: the filter matrix with the bias as its last row. Z ``(c, n*S)``: room for
-    the conv output. ``masks`` ``(c, n*S)`` gets ReLU's mask (z > 0); ``y`` ``(n, qh, qw, c)``
-    the output, NHWC.
+    Wm ``(K + 1, c)``: the filter matrix with the bias as its last row. ``masks`` ``(c, n*S)``
+    gets ReLU's mask (z > 0); ``y`` ``(n, qh, qw, c)`` the output, NHWC.
     """
-    c, k = Wm.shape[1], g.k
-    n = y.shape[0]
+    (n, qh, qw, c), k = y.shape, g.k
     N = n * g.S
+    Z = ws.flat("flat_Z", c * N, cs.dtype)[:c * N].reshape(c, N)  # contiguous: the pool GEMM below is 2-D
     ck.gemm(Wm.T, cs, out=Z)
     ck.relu_(Z)
     np.greater(Z, 0, out=masks)
     if k == 1:
         y[...] = Z.reshape(c, n, g.Hg, g.Wg)[:, :, :g.oh, :g.ow].transpose(1, 2, 3, 0)
         return
-    # Pool: each row of k*Wg floats (a row of windows) times the pooling matrix, a GEMM per channel.
-    R = N // (k * g.Wg)
-    Yp = ws.flat("flat_Y", c * R * (g.Wg // k), cs.dtype)[:c * R * (g.Wg // k)].reshape(c, R, g.Wg // k)
-    ck.gemm(Z.reshape(c, R, k * g.Wg), pool_matrix(g, cs.dtype, ws), out=Yp)
-    qh, qw = g.oh // k, g.ow // k
+    # Pool: each row of k*Wg floats (a row of windows) times the pooling matrix, one GEMM.
+    Yp = ws.flat("flat_Y", c * N // (k * k), cs.dtype)[:c * N // (k * k)].reshape(-1, g.Wg // k)
+    ck.gemm(Z.reshape(-1, k * g.Wg), pool_matrix(g, cs.dtype, ws), out=Yp)
     y[...] = Yp.reshape(c, n, g.Hg // k, g.Wg // k)[:, :, :qh, :qw].transpose(1, 2, 3, 0)
 
 
-def output_grad(dy: np.ndarray, g: Grid, masks: np.ndarray, dZ: np.ndarray, ws: Workspace) -> np.ndarray:
-    """d loss / d Z ``(c, n*S)`` of a block, written into dZ, from dy ``(n, qh, qw, c)`` (the
-    step's output gradient) through the pool and ReLU masks; zero at every garbage position."""
+def output_grad(dy: np.ndarray, g: Grid, masks: np.ndarray, ws: Workspace) -> np.ndarray:
+    """d loss / d Z ``(c, n*S)`` of a block from dy ``(n, qh, qw, c)`` (the step's output gradient),
+    through the pool and ReLU masks; zero at every garbage position."""
     n, qh, qw, c = dy.shape
     k, N = g.k, n * g.S
+    dZ = ws.flat("flat_dZ", c * N, dy.dtype)[:c * N].reshape(c, N)
     # The gradient on the (pooled) grid, zero outside the valid outputs.
     D = ws.flat("flat_D", N // (k * k) * c, dy.dtype)[:N // (k * k) * c].reshape(c, n, g.Hg // k, g.Wg // k)
     D.fill(0)
@@ -178,8 +171,7 @@ def output_grad(dy: np.ndarray, g: Grid, masks: np.ndarray, dZ: np.ndarray, ws: 
         np.multiply(D.reshape(c, N), masks, out=dZ)
         return dZ
     # Spread over each window (and / k^2) by the pooling matrix's transpose: dZ's own layout.
-    R = N // (k * g.Wg)
-    ck.gemm(D.reshape(c, R, g.Wg // k), pool_matrix(g, dy.dtype, ws).T, out=dZ.reshape(c, R, k * g.Wg))
+    ck.gemm(D.reshape(-1, g.Wg // k), pool_matrix(g, dy.dtype, ws).T, out=dZ.reshape(-1, k * g.Wg))
     np.multiply(dZ, masks, out=dZ)  # through the ReLU
     return dZ
 
