@@ -11,7 +11,9 @@ after warm-up, ratios dpcnn / torch. ``--clock cpu`` times the windows by
 this process's CPU time instead of the wall clock (a host busy with other jobs). Then the peak RSS (ru_maxrss) of a fresh
 process that only trains `small` at batch 64 (numpy, and torch for
 comparison), measured in subprocesses so the other contenders' memory does
-not count. Prints a table and writes bench/train.json.
+not count. Also the direct-GEMM ceiling of issue 21: one thread's SGEMM GFLOP/s (1024^3, median
+of 9) over the model's training FLOPs per image (`common.train_flops`), and dpcnn's share of
+it. Prints a table and writes bench/train.json.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ def main(argv=None):
     print(f"{info.get('Model name', '?')}, {info['cpus']} CPUs, numpy {info['numpy']}, "
           f"torch {torch.__version__ if torch else 'not installed'}, load average {common.load_average():.2f}, "
           f"{args.windows} windows timed by {args.clock} clock, malloc: {info['malloc']}")
+    gflops = common.sgemm_gflops()
+    print(f"one-thread SGEMM 1024^3: {gflops:.1f} GFLOP/s; the direct-GEMM ceiling of a model is that over its "
+          f"training FLOPs per image (forward, dx, dW)")
     rows = []
     for name in args.models:
         specs = model_spec(name)
@@ -109,7 +114,9 @@ def main(argv=None):
             reps = max(3, int(args.seconds / max(probe.values())))
             t = interleaved(fns, warmup=5, windows=args.windows, reps=reps, clock=clock)
             row = {"model": name, "batch": batch, "reps_per_window": reps,
-                   "img_per_s": {k: batch / v for k, v in t.items()}}
+                   "img_per_s": {k: batch / v for k, v in t.items()},
+                   "ceiling_img_per_s": gflops * 1e9 / common.train_flops(specs)}
+            row["of_ceiling"] = row["img_per_s"]["numpy"] / row["ceiling_img_per_s"]
             if torch is not None:
                 row["ratio_vs_torch"] = t["torch"] / t["numpy"]
                 row["ratio_vs_torch_channels_last"] = t["torch_cl"] / t["numpy"]
@@ -118,7 +125,7 @@ def main(argv=None):
             rows.append(row)
             print(f"  {name} batch {batch}: done (load {common.load_average():.2f})", flush=True)
 
-    head = f"{'model':<8} {'batch':>5} {'dpcnn img/s':>12}"
+    head = f"{'model':<8} {'batch':>5} {'dpcnn img/s':>12} {'ceiling':>8}"
     if base_cls is not None:
         head += f" {args.baseline[:10] + ' img/s':>17} {'x':>5}"
     if torch is not None:
@@ -126,14 +133,15 @@ def main(argv=None):
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         ips = r["img_per_s"]
-        line = f"{r['model']:<8} {r['batch']:>5} {ips['numpy']:>12,.0f}"
+        line = f"{r['model']:<8} {r['batch']:>5} {ips['numpy']:>12,.0f} {r['of_ceiling']:>7.0%}"
         if base_cls is not None:
             line += f" {ips['baseline']:>17,.0f} {r['speedup_vs_baseline']:>4.2f}x"
         if torch is not None:
             line += (f" {ips['torch']:>12,.0f} {r['ratio_vs_torch']:>5.2f}x"
                      f" {ips['torch_cl']:>15,.0f} {r['ratio_vs_torch_channels_last']:>5.2f}x")
         print(line)
-    print("ratio = dpcnn img/s / torch img/s, same run; torch CL = channels_last memory format"
+    print("ceiling = dpcnn img/s / the direct-GEMM ceiling (SGEMM GFLOP/s / training FLOPs per image); "
+          "ratio = dpcnn img/s / torch img/s, same run; torch CL = channels_last memory format"
           + (f"; x = speed-up over dpcnn at {args.baseline}" if base_cls else ""))
 
     print("\npeak RSS of a fresh process training `small` at batch 64 (ru_maxrss / VmHWM): "
@@ -147,7 +155,7 @@ def main(argv=None):
                                             "clock": args.clock, "windows": args.windows,
                                             "bench_process_maxrss_mb": own,
                                             "torch": torch.__version__ if torch else None,
-                                            "baseline_rev": args.baseline})
+                                            "baseline_rev": args.baseline, "sgemm_gflops_one_thread": gflops})
     print(f"wrote {path.relative_to(common.ROOT)}")
 
 

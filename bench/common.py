@@ -83,6 +83,36 @@ def interleaved(fns: dict, *, warmup: int = 3, windows: int = 7, reps: int = 10,
     return {k: median(v) for k, v in times.items()}
 
 
+def train_flops(specs: list[dict], input_shape=(28, 28, 1)) -> int:
+    """FLOPs of one training image in the convs and dense layers as direct GEMMs: 2 x the
+    multiply-adds of the forward pass, times 3 (forward, input gradient, weight gradient).
+    Issue 21's count: 7.3 MFLOP for `small`."""
+    from dpcnn.layers import Conv2D, Dense
+    model = Model.from_config(specs, input_shape=input_shape)
+    fwd = 0
+    for layer, out in zip(model.layers, model.shapes):  # out: the layer's output shape
+        if type(layer) is Conv2D:
+            fwd += 2 * out[0] * out[1] * layer.W.size
+        elif type(layer) is Dense:
+            fwd += 2 * layer.W.size
+    return 3 * fwd
+
+
+def sgemm_gflops(n: int = 1024, windows: int = 9) -> float:
+    """One float32 ``n x n x n`` GEMM (NumPy's BLAS, this process's threads): the median GFLOP/s
+    of ``windows`` timed products. The direct-GEMM ceiling of a model is this / `train_flops`."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / median(times) / 1e9
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
