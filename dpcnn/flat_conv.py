@@ -22,13 +22,14 @@ the filters, a GEMM with only c_out columns. Here instead:
   so the filter gradient ``P @ dZ^T`` is exact. dx, when needed, is ``Wm @ dZ`` scattered
   back onto X with f*f contiguous adds.
 
-Measured (bench/RESULTS.md, 2026-12-04, one thread): LeNet-5's first conv + ReLU + 2x2 average
-pool at batch 128, forward 3.50 -> 2.68 ms, backward 1.57 -> 2.14 ms (the filter-gradient GEMM
-runs over the garbage positions too), 5.07 -> 4.82 ms in all; the whole LeNet-5 training step
-1.06x (batch 128) and 1.08x (batch 64). Blocks of about 512 KB (4 images of LeNet-5) were
-fastest: 2 images 5.9 ms, 8 images 6.3 ms. Max pooling stays on the general path: its masks in
-a channel-major layout need stride-k passes that took 2.3-2.5 ms against the whole forward's
-0.9 ms there (`small`'s first conv, batch 64).
+Measured (bench/RESULTS.md, 2026-12-04, one thread, median of 15 interleaved windows): LeNet-5's
+first conv + ReLU + 2x2 average pool at batch 128, forward 3.39 -> 1.73 ms, backward 2.06 ->
+1.78 ms, 5.45 -> 3.52 ms in all; the whole LeNet-5 training step 1.20x (batch 64) and 1.24x
+(batch 128). The patches are made again in backward rather than kept (keeping LeNet-5's 13.6 MB
+cost the forward 0.8 ms and gained backward nothing). Blocks of about 512-768 KB (4-6 images of
+LeNet-5) were fastest: 2 images 4.3 ms, 8 images 4.9 ms. Max pooling stays on the general
+path: its masks in a channel-major layout need stride-k passes that took 2.3-2.5 ms against
+the whole forward's 0.9 ms there (`small`'s first conv, batch 64).
 
 The numbers are the general path's up to the order of float sums
 (tests/test_flat_conv.py). `ConvReLU` in `dpcnn.fused` uses this path where `usable`
@@ -48,8 +49,9 @@ from .conv_kernels import TUNING, Workspace
 __all__ = ["usable", "Grid", "grid", "load", "patches", "patch_buffer", "forward_block", "output_grad",
            "backward_block", "input_grad_block"]
 
-#: Floats added to the row length of the patch and output buffers: a row stride of a power of
-#: two bytes (LeNet-5's 4 x 1024 floats) made the GEMM 2x slower (cache set aliasing).
+#: Floats added to the row length of the patch buffer: with rows of a power of two bytes
+#: (LeNet-5's 4 x 1024 floats) the rows alias in the cache. Measured on the conv1 step (fwd + bwd,
+#: b128, alternating): 3.43 / 3.76 ms padded against 3.59 / 4.05 ms unpadded.
 _ROW_PAD = 16
 
 
