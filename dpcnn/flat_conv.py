@@ -102,8 +102,9 @@ def _zero(a: np.ndarray) -> None:
 
 def load(x: np.ndarray, g: Grid, ws: Workspace) -> np.ndarray:
     """x ``(m, h, w, 1)`` written into the reused flat grid X ``(m*S + tail,)`` (zeros around
-    the images stay from its first use); X."""
-    X = ws.get("flat_X", (g.m * g.S + g.tail,), x.dtype, _zero)
+    the images stay from its first use); X. One buffer per image geometry: two geometries can
+    give X the same length, and the zeros of one are pixels of the other."""
+    X = ws.get(f"flat_X {g.h}x{g.w} {g.pads} {g.k}", (g.m * g.S + g.tail,), x.dtype, _zero)
     t, _, l, _ = g.pads
     X[:g.m * g.S].reshape(g.m, g.Hg, g.Wg)[:, t:t + g.h, l:l + g.w] = x[..., 0]
     return X

@@ -69,6 +69,19 @@ def test_flat_path_matches_general_path(f, padding, pool, h, w, needs_input_grad
             np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
 
 
+def test_one_step_fed_other_image_sizes_and_batches_matches_fresh_steps():
+    """The reused grids (zero borders kept from their first use) never leak one geometry's pixels
+    into another's: 2 images 12x12 and 4 images 8x8 give the flat X the same length
+    (2 * 14*14 + 30 = 4 * 10*10 + 22), and every change of size or batch matches a fresh step."""
+    step = make_step(3, "same", 2, 2, True)
+    rng = np.random.default_rng(9)
+    for shape in [(2, 12, 12, 1), (4, 8, 8, 1), (2, 12, 12, 1), (5, 8, 8, 1), (4, 8, 8, 1)]:
+        x = rng.standard_normal(shape)
+        fresh = make_step(3, "same", 2, 2, True)
+        for a, b in zip(run(step, x)[:4], run(fresh, x)[:4]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_flat_path_float32_stays_within_rounding_of_the_general_path():
     step = make_step(5, 2, 6, 2, False, dtype=np.float32)
     x = np.random.default_rng(2).standard_normal((9, 28, 28, 1)).astype(np.float32)
