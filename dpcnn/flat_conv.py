@@ -15,7 +15,7 @@ the filters, a GEMM with only c_out columns. Here instead:
 * The GEMM is channel-major, ``Z = Wm^T @ P`` ``(c_out, n*Hg*Wg)``: a wide output
   instead of a skinny one. ReLU and its mask run over Z contiguously; the average
   pool is a GEMM of Z's rows of windows ``(.., k*Wg)`` with a fixed ``(k*Wg, Wg/k)``
-  matrix of 1/k^2 (no stride-k inner loops, which cost ~25 ns each in NumPy).
+  matrix of 1/k^2 (no stride-k inner loops: NumPy runs loops of a few floats slowly).
 * Backward mirrors it: the pooled gradient times that matrix's transpose is spread
   over its windows in Z's own layout, then one contiguous multiply by the ReLU mask;
   the garbage positions get a zero gradient (they are zero in the pooled gradient),
