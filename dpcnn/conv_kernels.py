@@ -84,8 +84,7 @@ class Tuning:
       "auto" where it is the faster path by shape (`dpcnn.winograd.chosen`),
       "always" wherever it applies, "never".
     - ``flat_one_channel``: a fused one-channel stride-1 conv + ReLU [+ average pool] runs on the
-      flat grid of `dpcnn.flat_conv` (LeNet-5's first layer). False: the transposed im2col above.
-    - ``flat_block_bytes``: the size of one block of patch and output rows there.
+      flat grid of `dpcnn.flat_conv` (else as above), in blocks of ``flat_block_bytes``.
     """
 
     fold_bias: bool = True
@@ -196,17 +195,13 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 gemm = np.matmul
 
 
-#: Zeros per dtype for `relu_`, grown to the largest array seen (never written).
-_ZEROS: dict = {}
+_ZEROS: dict = {}  # per dtype, for relu_: grown to the largest array seen, never written
 
 
 def relu_(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """max(a, 0) into ``out`` (default: a itself); returns it.
-
-    Against an array of zeros, not the scalar 0: NumPy 2.4.6's ``maximum`` with a scalar
-    operand skips its SIMD loop and measured 3.5-4x slower (14.0 vs 3.7 us for 24,576
-    float32, AMD EPYC with AVX-512, 2026-12-04); same results, NaN included.
-    """
+    """max(a, 0) into ``out`` (default: a itself); returns it. Against an array of zeros, not the
+    scalar 0: NumPy 2.4.6's ``maximum`` with a scalar skips its SIMD loop, 3.5-4x slower (14.0 vs
+    3.7 us for 24,576 float32, AMD EPYC with AVX-512, 2026-12-04); same results, NaN included."""
     z = _ZEROS.get(a.dtype)
     if z is None or z.size < a.size:
         z = _ZEROS[a.dtype] = np.zeros(max(a.size, 1 << 16), a.dtype)

@@ -39,6 +39,7 @@ says so (``TUNING.flat_one_channel``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -47,7 +48,7 @@ from . import conv_kernels as ck
 from .conv_kernels import TUNING, Workspace
 
 __all__ = ["usable", "Grid", "grid", "load", "patches", "patch_buffer", "forward_block", "output_grad",
-           "backward_block", "input_grad_block"]
+           "input_grad_block", "forward", "backward"]
 
 #: Floats added to the row length of the patch buffer: with rows of a power of two bytes
 #: (LeNet-5's 4 x 1024 floats) the rows alias in the cache. Measured on the conv1 step (fwd + bwd,
@@ -96,15 +97,11 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def _zero(a: np.ndarray) -> None:
-    a.fill(0)
-
-
 def load(x: np.ndarray, g: Grid, ws: Workspace) -> np.ndarray:
     """x ``(m, h, w, 1)`` written into the reused flat grid X ``(m*S + tail,)`` (zeros around
     the images stay from its first use); X. One buffer per image geometry: two geometries can
     give X the same length, and the zeros of one are pixels of the other."""
-    X = ws.get(f"flat_X {g.h}x{g.w} {g.pads} {g.k}", (g.m * g.S + g.tail,), x.dtype, _zero)
+    X = ws.get(f"flat_X {g.h}x{g.w} {g.pads} {g.k}", (g.m * g.S + g.tail,), x.dtype, ck._zero)
     t, _, l, _ = g.pads
     X[:g.m * g.S].reshape(g.m, g.Hg, g.Wg)[:, t:t + g.h, l:l + g.w] = x[..., 0]
     return X
@@ -179,15 +176,6 @@ def output_grad(dy: np.ndarray, g: Grid, masks: np.ndarray, ws: Workspace) -> np
     return dZ
 
 
-def backward_block(cs: np.ndarray, dZ: np.ndarray, dWb: np.ndarray, accumulate: bool) -> None:
-    """The filter and bias gradient ``(K + 1, c)`` (the bias as its last row) of a block:
-    ``cs @ dZ^T``, written into or added to dWb."""
-    if accumulate:
-        dWb += ck.gemm(cs, dZ.T)
-    else:
-        ck.gemm(cs, dZ.T, out=dWb)
-
-
 def input_grad_block(Wm: np.ndarray, dZ: np.ndarray, g: Grid, a: int, dX: np.ndarray, ws: Workspace) -> None:
     """Adds the input gradient of images a, a+1, ... (dZ ``(c, n*S)``) into the flat dX: the
     patch gradient ``Wm[:K] @ dZ`` ``(K, n*S)``, each kernel offset's row added onto dX shifted."""
@@ -199,3 +187,53 @@ def input_grad_block(Wm: np.ndarray, dZ: np.ndarray, g: Grid, a: int, dX: np.nda
         for j in range(g.f):
             o = base + i * g.Wg + j
             dX[o:o + N] += dP[i * g.f + j]
+
+
+def forward(x: np.ndarray, g: Grid, Wm: np.ndarray, y: np.ndarray, masks: np.ndarray, nb: int,
+            ws: Workspace) -> SimpleNamespace:
+    """A fused conv + ReLU [+ average pool] step's forward over x ``(m, h, w, 1)``, in blocks of nb
+    images: y ``(m, qh*qw, c)`` and masks ``(m*S*c,)`` written; what `backward` needs returned.
+    Wm ``(K + 1, c)``: the filter matrix with the bias as its last row (`conv_kernels.filter_matrix`)."""
+    c = Wm.shape[1]
+    f = SimpleNamespace(grid=g, X=load(x, g, ws), x_shape=x.shape, Wm=Wm, nb=nb, ws=ws,
+                        blocks=[(a, min(a + nb, g.m)) for a in range(0, g.m, nb)],
+                        block_masks=lambda a, b: masks[a * g.S * c:b * g.S * c].reshape(c, -1))
+    yv = y.reshape(g.m, g.oh // g.k, g.ow // g.k, c)
+    for a, b in f.blocks:
+        forward_block(Wm, _block_patches(f, a, b), g, f.block_masks(a, b), yv[a:b], ws)
+    return f
+
+
+def _block_patches(f: SimpleNamespace, a: int, b: int) -> np.ndarray:
+    """The patch matrix of images a:b, made now. Never kept for backward, which makes it again: one
+    copy out of the small X (0.5 ms at LeNet-5's batch 128) costs less than writing the whole matrix
+    out of cache and reading it back (13.6 MB there: forward 1.9 -> 2.7 ms, backward no faster)."""
+    g = f.grid
+    cs = patch_buffer(g, f.nb * g.S, f.X.dtype, f.ws)[:, :(b - a) * g.S]
+    return patches(f.X, g, a, b, cs)
+
+
+def backward(f: SimpleNamespace, dy: np.ndarray, dW: np.ndarray, db: np.ndarray, dx: np.ndarray | None,
+             ws: Workspace, poll) -> np.ndarray | None:
+    """The step's backward from `forward`'s ``f``: per block, dZ through the pool and ReLU, then the
+    filter and bias gradients (``dW``, ``db``, written) and, if ``dx`` ``(m, h, w, 1)`` is given, the
+    input gradient into it; ``poll()`` after each part. Returns dx."""
+    g, c = f.grid, f.Wm.shape[1]
+    dyv = dy.reshape(g.m, g.oh // g.k, g.ow // g.k, c)
+    dX = None
+    if dx is not None:
+        dX = ws.get("flat_dX", f.X.shape, dy.dtype)
+        dX.fill(0)
+    for a, b in f.blocks:
+        dZ = output_grad(dyv[a:b], g, f.block_masks(a, b), ws)
+        # The filter gradient cs @ dZ^T (the bias as its last row): conv_kernels' with patches (n, K + 1).
+        ck.param_grads(_block_patches(f, a, b).T, dZ.T, dW, db, True, ws, accumulate=a > 0)
+        poll()
+        if dX is not None:
+            input_grad_block(f.Wm, dZ, g, a, dX, ws)
+            poll()
+    if dx is None:
+        return None
+    t, _, l, _ = g.pads
+    dx[..., 0] = dX[:g.m * g.S].reshape(g.m, g.Hg, g.Wg)[:, t:t + g.h, l:l + g.w]
+    return dx

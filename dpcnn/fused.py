@@ -292,57 +292,20 @@ class ConvReLU:
         return fc.grid(m, h, w, conv.kernel_size, conv.pads(h, w), self.k)
 
     def _flat_forward(self, x: np.ndarray, g: fc.Grid, W: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """`forward` on the flat grid: per block of images, one patch copy, one GEMM, ReLU and pool."""
-        ws, c, k = self.conv.workspace, self.conv.out_channels, self.k
-        X = fc.load(x, g, ws)
-        nb = self._block(g.m, g.Hg, g.Wg, g.K + 1, x.itemsize, TUNING.flat_block_bytes)
-        qh, qw = g.oh // k, g.ow // k
-        shape = (g.m, qh * qw, c)
+        """`forward` on the flat grid (`dpcnn.flat_conv.forward`), into this step's output and masks."""
+        c, k = self.conv.out_channels, self.k
+        shape = (g.m, (g.oh // k) * (g.ow // k), c)
         y = self.workspace.get("y", shape, x.dtype) if self.reuse_output else np.empty(shape, x.dtype)
         masks = self.workspace.get("masks", (g.m * g.S * c,), np.bool_)
-        f = SimpleNamespace(grid=g, X=X, x_shape=x.shape, Wm=ck.filter_matrix(W, bias, True), nb=nb,
-                            c_out=c, blocks=[(a, min(a + nb, g.m)) for a in range(0, g.m, nb)],
-                            block_masks=lambda a, b: masks[a * g.S * c:b * g.S * c].reshape(c, -1))
-        yv = y.reshape(g.m, qh, qw, c)
-        for a, b in f.blocks:
-            fc.forward_block(f.Wm, self._flat_patches(f, a, b), g, f.block_masks(a, b), yv[a:b], ws)
-        self._cache = f
-        return yv
-
-    def _flat_patches(self, f: SimpleNamespace, a: int, b: int) -> np.ndarray:
-        """The flat patch matrix of images a:b, made now. Never kept for backward, which makes it again:
-        one copy out of the small X (0.5 ms at LeNet-5's batch 128) costs less than writing the whole
-        matrix out of cache and reading it back (13.6 MB there: forward 1.9 -> 2.7 ms, backward no faster)."""
-        g = f.grid
-        cs = fc.patch_buffer(g, f.nb * g.S, f.X.dtype, self.conv.workspace)[:, :(b - a) * g.S]
-        return fc.patches(f.X, g, a, b, cs)
+        nb = self._block(g.m, g.Hg, g.Wg, g.K + 1, x.itemsize, TUNING.flat_block_bytes)
+        self._cache = fc.forward(x, g, ck.filter_matrix(W, bias, True), y, masks, nb, self.conv.workspace)
+        return y.reshape(g.m, g.oh // k, g.ow // k, c)
 
     def _flat_backward(self, f: SimpleNamespace, dy: np.ndarray) -> np.ndarray | None:
-        """`backward` on the flat grid: per block, dZ through the pool and ReLU, then the filter gradient
-        and (if needed) the input gradient."""
-        conv, ws, g, c = self.conv, self.conv.workspace, f.grid, f.c_out
-        k, dtype = self.k, f.X.dtype
-        dyv = dy.reshape(g.m, g.oh // k, g.ow // k, c)
-        together = ck.adjacent(conv.dW, conv.db)
-        dWb = ck.rows_view(conv.dW, g.K + 1, c) if together else ws.get("flat_dWb", (g.K + 1, c), dtype)
-        dX = ws.get("flat_dX", f.X.shape, dtype) if conv.needs_input_grad else None
-        if dX is not None:
-            dX.fill(0)
-        for a, b in f.blocks:
-            dZb = fc.output_grad(dyv[a:b], g, f.block_masks(a, b), ws)
-            fc.backward_block(self._flat_patches(f, a, b), dZb, dWb, accumulate=a > 0)
-            self.poll()
-            if dX is not None:
-                fc.input_grad_block(f.Wm, dZb, g, a, dX, ws)
-                self.poll()
-        if not together:
-            conv.dW.reshape(g.K, c)[...], conv.db[...] = dWb[:-1], dWb[-1]
-        if dX is None:
-            return None
-        dx = self.workspace.get("dx", f.x_shape, dtype)
-        t, _, l, _ = g.pads
-        dx[..., 0] = dX[:g.m * g.S].reshape(g.m, g.Hg, g.Wg)[:, t:t + g.h, l:l + g.w]
-        return dx
+        """`backward` on the flat grid (`dpcnn.flat_conv.backward`); dx into this step's buffer."""
+        conv = self.conv
+        dx = self.workspace.get("dx", f.x_shape, f.X.dtype) if conv.needs_input_grad else None
+        return fc.backward(f, dy, conv.dW, conv.db, dx, conv.workspace, self.poll)
 
     def _to_nhwc(self, dz: np.ndarray, out: np.ndarray, m: int, oh: int, ow: int) -> None:
         """Write dz (rows in pool-slot order when k > 1) into the NHWC array (or view) ``out``."""
