@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dpcnn  # noqa: E402  (after the BLAS variables and ROOT on the path)
+from dpcnn.layers import Conv2D, Dense  # noqa: E402
 from dpcnn.model import Model  # noqa: E402
 
 
@@ -87,7 +88,6 @@ def train_flops(specs: list[dict], input_shape=(28, 28, 1)) -> int:
     """FLOPs of one training image in the convs and dense layers as direct GEMMs: 2 x the
     multiply-adds of the forward pass, times 3 (forward, input gradient, weight gradient).
     Issue 21's count: 7.3 MFLOP for `small`."""
-    from dpcnn.layers import Conv2D, Dense
     model = Model.from_config(specs, input_shape=input_shape)
     fwd = 0
     for layer, out in zip(model.layers, model.shapes):  # out: the layer's output shape
@@ -234,17 +234,10 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-#: The modules `dpcnn.model.Model` is made of; a revision has those of them that existed
-#: then (conv_kernels.py and fused.py came out of layers.py and model.py with issue 13; norm.py and
-#: fused_bn.py came with issue 19; blas.py, winograd.py and col2im.py with issue 21).
-MODEL_MODULES = ("errors.py", "layers.py", "model.py", "conv_kernels.py", "fused.py", "norm.py", "fused_bn.py",
-                 "blas.py", "winograd.py", "col2im.py")
-
-
 def baseline_model_class(rev: str):
-    """`Model` of dpcnn at git revision ``rev`` (its `MODEL_MODULES`), imported as
-    a separate package, so a run can time the old code against the new.
-    """
+    """`Model` of dpcnn at git revision ``rev``, imported as a separate package, so a run can time
+    the old code against the new. Every module at the top of dpcnn/ at that revision is copied (not
+    a list of the model's modules: each new module the model imported broke such a list)."""
     pkg = "dpcnn_" + "".join(ch if ch.isalnum() else "_" for ch in rev)
     root = Path(tempfile.mkdtemp(prefix="dpcnn_baseline_"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -252,7 +245,7 @@ def baseline_model_class(rev: str):
     (root / pkg / "__init__.py").write_text("")
     at_rev = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "dpcnn/"],
                             capture_output=True, text=True, check=True).stdout.split()
-    for name in (n for n in MODEL_MODULES if f"dpcnn/{n}" in at_rev):
+    for name in (n.removeprefix("dpcnn/") for n in at_rev if n.endswith(".py") and n != "dpcnn/__init__.py"):
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dpcnn/{name}"],
                              capture_output=True, text=True, check=True).stdout
         (root / pkg / name).write_text(src)
