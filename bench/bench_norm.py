@@ -50,7 +50,7 @@ def train_step(name: str, batch: int, micro: int | None):
     model = Model.from_config(model_spec(name), seed=0)
     rng = np.random.default_rng(0)
     x, y = rng.random((batch, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, batch)
-    buf, opt, count = StepBuffer(model, micro), SGD(model.trainable, momentum=0.9), [0]
+    buf, opt, count = StepBuffer(model, micro, step_batches=(batch,)), SGD(model.trainable, momentum=0.9), [0]
 
     def step():
         buf.shard_gradient(x, y, batch, 0, count[0])

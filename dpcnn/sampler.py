@@ -57,6 +57,12 @@ class EpochSampler:
         whole, rest = divmod(self.n, self.batch_size)
         return whole + (1 if rest and not self.drop_last else 0)
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The global batch sizes an epoch has: ``batch_size``, and the short last batch's unless dropped."""
+        whole, rest = divmod(self.n, self.batch_size)
+        return (self.batch_size,) * bool(whole) + (rest,) * bool(rest and not self.drop_last)
+
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of all n examples in ``epoch``: int64 ``(n,)``."""
         if self._cache is None or self._cache[0] != epoch:

@@ -111,7 +111,8 @@ def train(cfg: DictConfig, dist: Dist) -> float:
     dist.watchdog.configure(t.stall_warning, t.collective_timeout, t.setup_timeout)
     with owned_by_this_job(run_dir, dist):
         model, data, sampler, opt, lr_at, last_step = build(cfg, dist)
-        step = StepBuffer(model, t.micro_batch, dist, t.overlap, t.bucket_bytes, t.grad_compression)
+        step = StepBuffer(model, t.micro_batch, dist, t.overlap, t.bucket_bytes, t.grad_compression,
+                          step_batches=sampler.batch_sizes)
         pos, resumed_from = resume(cfg, dist, model, opt, run_dir, step)  # rank 0's weights (or checkpoint) everywhere
         stopper = EpochStopper(cfg, pos.history, model, dist, run_dir / "checkpoints")  # [early stop]
         if pos.step >= last_step or stopper.reason:  # [early stop] a run that stopped early trains nothing more
