@@ -55,10 +55,10 @@ def micro_slices(start: int, length: int, micro: int) -> list[slice]:
     return [slice(a - start, b - start) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def step_pieces(global_batch: int, world_size: int, micro: int) -> int:
-    """How many pieces (`micro_slices`) a step of ``global_batch`` examples is cut into, over all ranks."""
+def shard_pieces(global_batch: int, world_size: int, micro: int) -> list[int]:
+    """How many pieces (`micro_slices`) each rank's shard of a step of ``global_batch`` examples is cut into."""
     ends = [EpochSampler.shard_start(global_batch, r, world_size) for r in range(world_size + 1)]
-    return sum(len(micro_slices(a, b - a, micro)) for a, b in zip(ends, ends[1:]))
+    return [len(micro_slices(a, b - a, micro)) for a, b in zip(ends, ends[1:])]
 
 
 def sum_dtype(dtype, micro: int | None, step_batches, world_size: int) -> np.dtype:
@@ -68,9 +68,15 @@ def sum_dtype(dtype, micro: int | None, step_batches, world_size: int) -> np.dty
     number as float64's (exact) a + b rounded to ``dtype``, whichever rank holds which, at half the
     bytes on the wire (small at 2 ranks, batch 64 in micro-batches of 32: float64 cost 9.9 % img/s)."""
     dtype = np.dtype(dtype)
-    if not micro or (step_batches and all(step_pieces(b, world_size, micro) <= 2 for b in step_batches)):
+    if not micro or (step_batches and all(sum(shard_pieces(b, world_size, micro)) <= 2 for b in step_batches)):
         return dtype
     return np.dtype(np.float64)
+
+
+def one_piece_a_rank(micro: int | None, step_batches, world_size: int) -> bool:
+    """Whether every shard of every step is one micro-batch: then the whole-shard path (the model writes
+    the buffer itself, no sum) computes just what the micro-batch path would."""
+    return bool(micro and step_batches and all(set(shard_pieces(b, world_size, micro)) == {1} for b in step_batches))
 
 
 class StepBuffer:
@@ -82,10 +88,13 @@ class StepBuffer:
         """``step_batches``: the global batch sizes of the steps to come (`EpochSampler.batch_sizes`),
         which may let micro-batches sum in the model's dtype (`sum_dtype`; default float64)."""
         n = self.n = model.num_params
-        self.micro, self.world_size = micro_batch, dist.size if dist is not None else 1
+        self.world_size = dist.size if dist is not None else 1
         self.buf = np.zeros(n + 4, sum_dtype(model.dtype, micro_batch, step_batches, self.world_size))
+        #: Micro-batches to cut shards into: None where every shard of the run is one (`one_piece_a_rank`).
+        self.micro = None if one_piece_a_rank(micro_batch, step_batches, self.world_size) else micro_batch
+        self._step_batches, self._asked = set(step_batches), micro_batch
         # What the model writes: the reduced buffer's front itself, or (micro-batches) a copy.
-        model.bind_grads(np.zeros(n, model.dtype) if micro_batch else self.buf[:n])
+        model.bind_grads(np.zeros(n, model.dtype) if self.micro else self.buf[:n])
         #: What the optimizer reads: the trainable part (without the batch statistics).
         self.grad = model.grads[:model.num_trainable]
         self.model = model
@@ -106,6 +115,9 @@ class StepBuffer:
         ``shard_start`` of the global batch of ``global_batch`` examples; ``step``
         (the optimizer step about to be taken) and the positions fix the dropout masks.
         """
+        if self._asked and self._step_batches and global_batch not in self._step_batches:
+            raise ValueError(f"a step of {global_batch} examples, but this step buffer sums micro-batches for "
+                             f"steps of {sorted(self._step_batches)}: give StepBuffer every batch size of the run")
         if self.reducer is not None:
             self.reducer.scale, self._step = global_batch, step
         try:
@@ -121,11 +133,6 @@ class StepBuffer:
                 self.model.loss_and_grads(x, y, denom=global_batch, step=step, start=shard_start)
             self.clock.backward_done()
             return
-        pieces = step_pieces(global_batch, self.world_size, self.micro)
-        if pieces > 2 and self.buf.dtype != np.float64:
-            raise ValueError(f"a step of {global_batch} examples is {pieces} micro-batch pieces over the ranks, but "
-                             f"this step buffer sums in {self.buf.dtype}, exact for 2 at most: give StepBuffer "
-                             f"every batch size of the run (step_batches)")
         self.buf[:self.n] = 0
         parts = micro_slices(shard_start, len(x), self.micro)
         for k, part in enumerate(parts):
