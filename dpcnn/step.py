@@ -11,7 +11,8 @@ With ``micro_batch`` the buffer sums the micro-batches' gradients (see
 `micro_slices`) in a way that does not depend on how the ranks share them,
 which makes float32 runs bitwise identical at every world size (`sum_dtype`:
 float64, or the model's dtype where a step has at most two micro-batches);
-the optimizer then gets a separate gradient in the model's dtype.
+the optimizer then gets a separate gradient in the model's dtype. Where each
+shard is one micro-batch, it is computed whole (`one_piece_a_rank`).
 
 A model with batchnorm layers has running statistics at the end of its
 parameters; the matching end of the gradients holds the step's batch
