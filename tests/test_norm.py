@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dpcnn.errors import ConfigError
-from dpcnn.fused_bn import ConvBNReLU
+from dpcnn.conv_kernels import Workspace, im2col
+from dpcnn.fused_bn import ConvBNReLU, gram, image_gram
 from dpcnn.model import Model
 from dpcnn.norm import BatchNorm, Dropout, dropout_scale
 
@@ -115,6 +116,12 @@ BN_POOL_NET = [{"type": "conv", "filters": 4, "kernel_size": 3}, {"type": "batch
                {"type": "conv", "filters": 6, "kernel_size": 3}, {"type": "batchnorm"}, {"type": "relu"},
                {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"}, {"type": "dense", "units": 10}]
 
+# A first conv without padding: its statistics from the Gram matrix of its patches (not `image_gram`).
+BN_VALID_NET = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "valid"}, {"type": "batchnorm"},
+                {"type": "relu"}, {"type": "maxpool", "kernel_size": 2},
+                {"type": "conv", "filters": 6, "kernel_size": 3}, {"type": "batchnorm"}, {"type": "relu"},
+                {"type": "flatten"}, {"type": "dense", "units": 10}]
+
 
 def bn_models(net=BN_NET):
     fused = Model.from_config(net, input_shape=(12, 12, 1), dtype=np.float64, seed=2)
@@ -148,7 +155,7 @@ def test_model_lays_out_running_statistics_after_the_trainable_parameters():
 @pytest.mark.parametrize("tuning,negative_gamma", [({}, False), ({}, True), ({"fused_block_bytes": 1}, False),
                                                   ({"fused_block_bytes": 1, "store_cols_bytes": 0}, True),
                                                   ({"fold_bias": False}, False)])
-@pytest.mark.parametrize("net", [BN_NET, BN_POOL_NET], ids=["bn_net", "bn_pool_net"])
+@pytest.mark.parametrize("net", [BN_NET, BN_POOL_NET, BN_VALID_NET], ids=["bn_net", "bn_pool_net", "bn_valid_net"])
 def test_fused_conv_batchnorm_relu_matches_layers(tuning, negative_gamma, net):
     """Training (batch statistics, dropout) and evaluation (BN folded into the filters): the fused
     plan gives the layers' numbers, in one block or in blocks of one example, with the first layer's
@@ -172,6 +179,24 @@ def test_fused_conv_batchnorm_relu_matches_layers(tuning, negative_gamma, net):
         np.testing.assert_allclose(fused.forward(x, train=False), plain.forward(x, train=False), rtol=1e-10)
     with pytest.raises(RuntimeError, match="needs a forward with train=True"):
         fused._plan[0].backward(np.zeros((6, 6, 6, 4)))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1, 1), (1, 2, 3), (4, 7, 2), (5, 28, 28)])
+def test_image_gram_is_the_patch_matrix_gram(shape):
+    """A first 3x3 'same' conv of one channel takes P^T P from its padded input's lags and edges, not from
+    its patches: the same matrix at every size (1x1 and non-square images included), and `gram`'s
+    half-height product on either patch layout, contiguous or not, as well."""
+    m, h, w = shape
+    xp = np.zeros((m, h + 2, w + 2, 1))
+    xp[:, 1:-1, 1:-1] = RNG.standard_normal((m, h, w, 1))
+    P = im2col(xp, 3, 1, h, w, Workspace(), fold=True)
+    ref = P.T @ P
+    np.testing.assert_allclose(image_gram(xp), ref, rtol=1e-12, atol=1e-13 * np.abs(ref).max())
+    PT = im2col(xp, 3, 1, h, w, Workspace(), fold=True, transposed=True, cap=P.shape[0] + 3, row0=1)
+    for A in (P, np.ascontiguousarray(P.T).T, PT):
+        np.testing.assert_allclose(gram(A), ref, rtol=1e-12, atol=1e-13 * np.abs(ref).max())
+    x32 = xp.astype(np.float32)
+    np.testing.assert_allclose(image_gram(x32), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("net", [BN_NET, BN_POOL_NET], ids=["bn_net", "bn_pool_net"])
