@@ -53,6 +53,22 @@ def test_batchnorm_forward_normalises_and_records_statistics():
     np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * x.reshape(-1, 3).var(axis=0, ddof=1))
 
 
+@pytest.mark.parametrize("shape", [(32, 128), (8, 6, 6, 16)])
+def test_float32_batchnorm_is_accurate_for_features_far_from_zero(shape):
+    """Training in float32 (the rows path computes in float32 since 2026-12-06) on features with a mean
+    of 1e3 and a spread of 1: output, statistics and input gradient within float32 rounding of float64."""
+    x = RNG.standard_normal(shape) + 1e3 + np.arange(shape[-1])
+    dy = RNG.standard_normal(shape)
+    out = {}
+    for dt in (np.float32, np.float64):
+        bn = BatchNorm(shape[-1], dtype=dt)
+        bn.gamma[...], bn.beta[...] = 1.5, -0.5
+        y = bn.forward(x.astype(dt))
+        out[dt] = y, bn.backward(dy.astype(dt)), bn.batch_mean.copy(), bn.batch_var.copy(), bn.dgamma.copy()
+    for a, b in zip(out[np.float32], out[np.float64]):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * np.abs(b).max())
+
+
 def test_batchnorm_evaluation_uses_running_statistics():
     bn = BatchNorm(2, eps=1e-3, dtype=np.float64)
     bn.running_mean[...], bn.running_var[...] = [1, -1], [4, 0.25]
