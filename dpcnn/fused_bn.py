@@ -133,13 +133,14 @@ class ConvBNReLU(ConvReLU):
     def backward(self, dy):
         if self._pass is None:
             raise RuntimeError("the fused conv + batchnorm step has no batch statistics to differentiate: "
-                               "backward needs a forward with train=True")
+                               "backward needs a forward with train=True, once per forward")
         f, bp, rows = self._cache, self._pass, self._cache.rows
+        self._pass = None  # (backward overwrites the forward's zc: once per forward)
         dz = self.workspace.get("dz", (f.nb * rows, f.c_out), f.xp.dtype)
         if f.gram:
             return self._gram_backward(f, bp, dy, dz)
         g = self._start_backward(f)
-        zc, tmp = f.zc, self._tmp(f)
+        zc = f.zc
         if f.pooled:
             return self._pooled_backward(f, bp, g, dy, dz)
         for a, b in f.blocks:  # the sums of dy and dy * zc ...
@@ -149,7 +150,7 @@ class ConvBNReLU(ConvReLU):
         for a, b in f.blocks:  # ... then dz block by block (the masked dy again: cheaper than keeping it)
             n = (b - a) * rows
             dzb = self._masked_grad(f, dy, a, b, out=dz[:n])
-            bp.input_grad_(dzb, zc[a * rows:b * rows], tmp[:n])
+            bp.input_grad_(dzb, zc[a * rows:b * rows], zc[a * rows:b * rows])  # (see _pooled_backward)
             self._block_backward(f, g, a, b, dzb)
         return g.dx
 
@@ -171,7 +172,8 @@ class ConvBNReLU(ConvReLU):
         for a, b in f.blocks:
             n = (b - a) * rows
             dzb = self._masked_grad(f, d, a, b, out=dz[:n])
-            bp.input_grad_(dzb, f.zc[a * rows:b * rows], self._tmp(f)[:n], scaled=True)
+            zb = f.zc[a * rows:b * rows]
+            bp.input_grad_(dzb, zb, zb, scaled=True)  # (zc is not needed after this: its block is the scratch)
             self._block_backward(f, g, a, b, dzb)
         return g.dx
 

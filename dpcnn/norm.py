@@ -192,7 +192,8 @@ class BatchPass:
         return dgamma.astype(dt), dbeta.astype(dt)
 
     def input_grad_(self, d: np.ndarray, zc: np.ndarray, tmp: np.ndarray, scaled: bool = False) -> None:
-        """d ``(rows, c)`` = dL/dy -> dL/dz, in place (``scaled``: d is dL/dy * A already)."""
+        """d ``(rows, c)`` = dL/dy -> dL/dz, in place (``scaled``: d is dL/dy * A already); ``tmp`` is scratch
+        of zc's shape, and may be zc itself when zc is not needed again."""
         A, B, C = self.input_map
         if not scaled:
             channelwise(np.multiply, d, A, out=d)

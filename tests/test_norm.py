@@ -189,6 +189,10 @@ def test_fused_conv_batchnorm_relu_matches_layers(tuning, negative_gamma, net):
         lp = plain.loss_and_grads(x, y, denom=9, step=3, start=2)
         assert lf[1] == lp[1] and lf[0] == pytest.approx(lp[0], rel=1e-13)
         np.testing.assert_allclose(fused.grads, plain.grads, rtol=1e-10, atol=1e-13)
+        for step in fused._plan:  # backward reuses the forward's conv output as scratch: once per forward
+            if isinstance(step, ConvBNReLU):
+                with pytest.raises(RuntimeError, match="once per forward"):
+                    step.backward(np.zeros(1))
         for model in (fused, plain):
             model.update_running_stats(model.grads[model.num_trainable:])
         np.testing.assert_allclose(fused.params, plain.params, rtol=1e-12)
