@@ -137,9 +137,9 @@ class ConvReLU:
         return self._patches(f.xp[a:b], f.oh, f.ow, f.fold, cap=f.nb * f.rows)  # recomputed
 
     def _conv_block(self, f: SimpleNamespace, a: int, b: int, out: np.ndarray | None = None,
-                    fresh: bool = True) -> np.ndarray:
+                    fresh: bool = True, Wm: np.ndarray | None = None) -> np.ndarray:
         """Conv output ``((b-a)*oh*ow, c_out)`` of examples a:b, rows in pool-slot order, into ``out``
-        (default: this step's block buffer); ``fresh``: see `_cols`."""
+        (default: this step's block buffer); ``fresh``: see `_cols`; ``Wm``: the filter matrix (default f.Wm)."""
         if out is None:
             out = self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)[:(b - a) * f.rows]
         if f.wino:  # V of the block, kept for backward; the output in (pool-)slot order
@@ -148,7 +148,7 @@ class ConvReLU:
                 wg.transform_input(f.xp[:, a:b], V, self.conv.workspace)
             return wg.conv_slots(V, f.U, f.bias, out, self.conv.workspace)
         A = self._cols(f, a, b, fresh)
-        ck.gemm(A, f.Wm, out=out)
+        ck.gemm(A, f.Wm if Wm is None else Wm, out=out)
         if not f.fold:
             out += f.bias
         return out

@@ -33,7 +33,6 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import conv_kernels as ck
 from .fused import ConvReLU
 from .layers import AvgPool2D, Conv2D, MaxPool2D, ReLU
 from .norm import BatchNorm, BatchPass, affine_, channelwise, col_dots, col_sums
@@ -123,11 +122,10 @@ class ConvBNReLU(ConvReLU):
         scale, shift = bp.affine
         Wn = f.Wm * scale.v  # (float64)
         Wn[-1] += shift.v
-        Wn, z = Wn.astype(f.Wm.dtype), self.workspace.get("z", (f.nb * f.rows, f.c_out), f.xp.dtype)
-        f.pooled = False
-        for a, b in f.blocks:
+        Wn, f.pooled = Wn.astype(f.Wm.dtype), False
+        for a, b in f.blocks:  # (image_gram made no patches in pass 1: make them now)
             yb = f.y[a:b].reshape(-1, f.c_out)
-            zb = ck.gemm(self._cols(f, a, b, fresh=f.image), Wn, out=yb if self.k == 1 else z[:(b - a) * f.rows])
+            zb = self._conv_block(f, a, b, out=yb if self.k == 1 else None, fresh=f.image, Wm=Wn)
             self._pool_relu(zb.reshape(f.kk, -1, f.c_out), yb, f.block_masks(a, b))
 
     def backward(self, dy):
